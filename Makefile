@@ -1,0 +1,57 @@
+# linearpatch — see README.md. `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+BIN := bin/linearpatch
+SHARED ?= ../shared
+GOTESTFLAGS ?=
+
+.PHONY: all deps build build-purego test test-openblas test-purego vet bench demo fuzz clean
+
+all: build
+
+# OpenBLAS backs the engine's matmuls; install Debian's libopenblas-dev when it is missing.
+deps:
+	@if ! { [ -f /usr/include/x86_64-linux-gnu/cblas.h ] || [ -f /usr/include/cblas.h ]; } || ! ldconfig -p | grep -q libopenblas; then \
+		echo "make: libopenblas-dev is missing; installing it with apt-get (needs root)"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libopenblas-dev; \
+	fi
+
+build: deps
+	$(GO) build -o $(BIN) ./cmd/linearpatch
+
+# The pure-Go build: no cgo, gonum's BLAS.
+build-purego:
+	CGO_ENABLED=0 $(GO) build -o $(BIN)-purego ./cmd/linearpatch
+
+vet: deps
+	$(GO) vet ./...
+	CGO_ENABLED=0 $(GO) vet ./...
+
+test: deps vet test-openblas test-purego
+
+test-openblas: deps
+	@echo "== tests, OpenBLAS build =="
+	$(GO) test -count=1 -timeout 20m $(GOTESTFLAGS) ./...
+
+test-purego:
+	@echo "== tests, pure-Go build (CGO_ENABLED=0) =="
+	CGO_ENABLED=0 $(GO) test -count=1 -short -timeout 20m $(GOTESTFLAGS) ./...
+
+bench: build
+	@echo "== engine forward vs sgemm (OpenBLAS build) =="
+	./$(BIN) bench
+	@echo "== kernels =="
+	$(GO) test -run '^$$' -bench . -benchtime 3x ./model/tensor/
+
+demo: build
+	@test -d $(SHARED)/models/tinystories-8L || { echo "make: $(SHARED)/models/tinystories-8L is missing"; exit 1; }
+	./$(BIN) eval --model $(SHARED)/models/tinystories-8L --data $(SHARED)/data/tinystories/valid.txt --seq-len 256
+
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzSafetensorsHeader -fuzztime 30s ./model/
+	$(GO) test -run '^$$' -fuzz FuzzLlama2cHeader -fuzztime 30s ./model/
+	$(GO) test -run '^$$' -fuzz FuzzSentencePiece -fuzztime 30s ./model/
+
+clean:
+	rm -rf bin

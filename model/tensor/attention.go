@@ -1,0 +1,91 @@
+package tensor
+
+import "math"
+
+// attnRowsPerBlock is the target number of score rows (query positions × heads of a kv
+// group) per causal block: block i of query positions only multiplies against the keys up
+// to its last position, so the upper triangle is (mostly) skipped.
+var attnRowsPerBlock = 128
+
+// attnSerial forces the (sequence, kv head) items to run one after another (BLAS threads
+// then parallelize inside each product). Benchmark knob.
+var attnSerial = false
+
+// Attention computes causal grouped-query attention for B sequences of seqLen rows each,
+// stacked in rows. q and dst are (B·seqLen)×(heads·hd); k and v are (B·seqLen)×(kvHeads·hd).
+// Query head h attends with kv head h/(heads/kvHeads): for the query at position t of a
+// sequence, scores over that sequence's keys at positions <= t are q·kᵀ/sqrt(hd), softmaxed
+// and used to weight the values. dst is overwritten and must not share storage with q, k
+// or v. It panics unless seqLen >= 1, kvHeads >= 1, heads is a multiple of kvHeads, q.Cols
+// is a multiple of heads, the row counts are equal multiples of seqLen and the widths match.
+//
+// Work is split over (sequence, kv head) pairs on up to Threads() goroutines; the query
+// heads of one kv group are stacked so that each product is one sgemm.
+func Attention(dst, q, k, v *Matrix, seqLen, heads, kvHeads int) {
+	mustShape("Attention", seqLen >= 1 && heads >= 1 && kvHeads >= 1 && heads%kvHeads == 0 &&
+		q.Cols%heads == 0, "seqLen %d, %d heads, %d kv heads, q width %d", seqLen, heads, kvHeads, q.Cols)
+	hd := q.Cols / heads
+	mustShape("Attention", q.Rows%seqLen == 0 && dst.SameShape(q) &&
+		k.Rows == q.Rows && v.Rows == q.Rows && k.Cols == kvHeads*hd && v.Cols == kvHeads*hd,
+		"dst %d×%d, q %d×%d, k %d×%d, v %d×%d, seqLen %d, %d heads, %d kv heads",
+		dst.Rows, dst.Cols, q.Rows, q.Cols, k.Rows, k.Cols, v.Rows, v.Cols, seqLen, heads, kvHeads)
+	mustShape("Attention", !overlaps(dst, q) && !overlaps(dst, k) && !overlaps(dst, v), "dst aliases an input")
+	if q.Rows == 0 || hd == 0 {
+		clear(dst.Data)
+		return
+	}
+	T, G := seqLen, heads/kvHeads
+	B := q.Rows / T
+	gw := G * hd // width of one kv group's query heads
+	bq := max(1, attnRowsPerBlock/G)
+	scale := float32(1 / math.Sqrt(float64(hd)))
+
+	type scratch struct{ q, o, s []float32 }
+	var bufs []scratch
+	setup := func(w int) {
+		bufs = make([]scratch, w)
+		for i := range bufs {
+			bufs[i] = scratch{
+				q: make([]float32, T*gw),
+				o: make([]float32, T*gw),
+				s: make([]float32, min(bq, T)*G*T),
+			}
+		}
+	}
+	item := func(w, it int) {
+		b, g := it/kvHeads, it%kvHeads
+		s := &bufs[w]
+		// Gather: row t·G+h' of s.q is query head g·G+h' at position t.
+		for t := range T {
+			off := (b*T+t)*q.Cols + g*gw
+			copy(s.q[t*gw:(t+1)*gw], q.Data[off:off+gw])
+		}
+		kb := k.Data[b*T*k.Cols+g*hd:]
+		vb := v.Data[b*T*v.Cols+g*hd:]
+		for p0 := 0; p0 < T; p0 += bq {
+			p1 := min(p0+bq, T)
+			rows := (p1 - p0) * G
+			sc := s.s[:rows*p1]
+			gemm(false, true, rows, p1, hd, scale, s.q[p0*gw:], hd, kb, k.Cols, 0, sc, p1)
+			for r := range rows {
+				t := p0 + r/G
+				row := sc[r*p1 : (r+1)*p1]
+				Softmax(row[:t+1])
+				clear(row[t+1:])
+			}
+			gemm(false, false, rows, hd, p1, 1, sc, p1, vb, v.Cols, 0, s.o[p0*gw:], hd)
+		}
+		for t := range T {
+			off := (b*T+t)*dst.Cols + g*gw
+			copy(dst.Data[off:off+gw], s.o[t*gw:(t+1)*gw])
+		}
+	}
+	if attnSerial {
+		setup(1)
+		for it := range B * kvHeads {
+			item(0, it)
+		}
+		return
+	}
+	parallelItems(B*kvHeads, setup, item)
+}

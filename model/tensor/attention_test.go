@@ -1,0 +1,71 @@
+package tensor
+
+import (
+	"fmt"
+	"math/rand"
+	"testing"
+)
+
+func TestAttentionMatchesNaive(t *testing.T) {
+	withThreads(t, func(t *testing.T) {
+		rng := rand.New(rand.NewSource(10))
+		cases := []struct{ batch, seqLen, heads, kvHeads, hd int }{
+			{1, 1, 1, 1, 1}, {2, 1, 4, 2, 3}, {1, 2, 2, 1, 5}, {3, 7, 4, 4, 8},
+			{2, 13, 4, 2, 7}, {1, 33, 8, 2, 16}, {2, 65, 4, 1, 9}, {1, 130, 6, 3, 32},
+			{1, 200, 4, 2, 64}, {3, 150, 2, 2, 11},
+		}
+		for range 8 {
+			kv := 1 + rng.Intn(3)
+			g := []int{1, 2, 4}[rng.Intn(3)]
+			cases = append(cases, struct{ batch, seqLen, heads, kvHeads, hd int }{
+				1 + rng.Intn(3), 1 + rng.Intn(90), kv * g, kv, 1 + rng.Intn(20)})
+		}
+		for _, c := range cases {
+			n := c.batch * c.seqLen
+			q := randMatrix(rng, n, c.heads*c.hd)
+			k := randMatrix(rng, n, c.kvHeads*c.hd)
+			v := randMatrix(rng, n, c.kvHeads*c.hd)
+			for i := range q.Data {
+				q.Data[i] *= 4 // peakier softmax
+			}
+			q0, k0, v0 := q.Clone(), k.Clone(), v.Clone()
+			got, want := randMatrix(rng, n, c.heads*c.hd), New(n, c.heads*c.hd)
+			Attention(got, q, k, v, c.seqLen, c.heads, c.kvHeads)
+			naiveAttention(want, q, k, v, c.seqLen, c.heads, c.kvHeads)
+			checkClose(t, fmt.Sprintf("Attention %+v", c), got.Data, want.Data)
+			checkUnchanged(t, "q", q, q0)
+			checkUnchanged(t, "k", k, k0)
+			checkUnchanged(t, "v", v, v0)
+		}
+	})
+}
+
+func TestAttentionBlockSizes(t *testing.T) {
+	// The causal blocking must not change results, whatever the block and serial setting.
+	defer func(b int, s bool) { attnRowsPerBlock, attnSerial = b, s }(attnRowsPerBlock, attnSerial)
+	rng := rand.New(rand.NewSource(11))
+	q, k, v := randMatrix(rng, 2*37, 4*6), randMatrix(rng, 2*37, 2*6), randMatrix(rng, 2*37, 2*6)
+	want := New(2*37, 4*6)
+	naiveAttention(want, q, k, v, 37, 4, 2)
+	for _, rows := range []int{1, 2, 5, 64, 1000} {
+		for _, serial := range []bool{false, true} {
+			attnRowsPerBlock, attnSerial = rows, serial
+			got := New(2*37, 4*6)
+			Attention(got, q, k, v, 37, 4, 2)
+			checkClose(t, fmt.Sprintf("rows %d serial %v", rows, serial), got.Data, want.Data)
+		}
+	}
+}
+
+func TestAttentionShapePanics(t *testing.T) {
+	q, kv := New(8, 8), New(8, 4)
+	dst := New(8, 8)
+	mustPanic(t, "Attention", func() { Attention(dst, q, kv, kv, 3, 2, 1) })        // rows not a multiple
+	mustPanic(t, "Attention", func() { Attention(dst, q, kv, kv, 4, 3, 1) })        // 8 cols, 3 heads
+	mustPanic(t, "Attention", func() { Attention(dst, q, kv, kv, 4, 2, 3) })        // heads % kvHeads
+	mustPanic(t, "Attention", func() { Attention(dst, q, kv, New(8, 8), 4, 2, 1) }) // v width
+	mustPanic(t, "Attention", func() { Attention(New(8, 4), q, kv, kv, 4, 2, 1) })  // dst shape
+	mustPanic(t, "Attention", func() { Attention(dst, q, New(4, 4), kv, 4, 2, 1) }) // k rows
+	mustPanic(t, "Attention", func() { Attention(dst, q, kv, kv, 0, 2, 1) })
+	mustPanic(t, "alias", func() { Attention(q, q, kv, kv, 4, 2, 1) })
+}

@@ -1,0 +1,137 @@
+package tensor
+
+import (
+	"fmt"
+	"math/rand"
+	"sync"
+	"testing"
+)
+
+// mulShapes are (m, n, k) triples: 1×1, odd sizes, and sizes past BLAS blocking thresholds.
+var mulShapes = [][3]int{
+	{1, 1, 1}, {1, 7, 3}, {5, 1, 9}, {3, 3, 1}, {2, 5, 17}, {17, 13, 11},
+	{31, 33, 65}, {64, 64, 64}, {65, 129, 63}, {127, 3, 257}, {200, 300, 100},
+}
+
+func TestMulTMatchesNaive(t *testing.T) {
+	withThreads(t, func(t *testing.T) {
+		rng := rand.New(rand.NewSource(1))
+		shapes := append([][3]int(nil), mulShapes...)
+		for range 20 {
+			shapes = append(shapes, [3]int{1 + rng.Intn(90), 1 + rng.Intn(90), 1 + rng.Intn(90)})
+		}
+		for _, s := range shapes {
+			m, n, k := s[0], s[1], s[2]
+			a, b := randMatrix(rng, m, k), randMatrix(rng, n, k)
+			a0, b0 := a.Clone(), b.Clone()
+			got, want := randMatrix(rng, m, n), New(m, n) // got starts dirty: MulT overwrites
+			MulT(got, a, b)
+			naiveMulT(want, a, b)
+			checkClose(t, fmt.Sprintf("MulT %dx%dx%d", m, n, k), got.Data, want.Data)
+			checkUnchanged(t, "a", a, a0)
+			checkUnchanged(t, "b", b, b0)
+		}
+	})
+}
+
+func TestMulMatchesNaive(t *testing.T) {
+	withThreads(t, func(t *testing.T) {
+		rng := rand.New(rand.NewSource(2))
+		shapes := append([][3]int(nil), mulShapes...)
+		for range 20 {
+			shapes = append(shapes, [3]int{1 + rng.Intn(90), 1 + rng.Intn(90), 1 + rng.Intn(90)})
+		}
+		for _, s := range shapes {
+			m, n, k := s[0], s[1], s[2]
+			a, b := randMatrix(rng, m, k), randMatrix(rng, k, n)
+			a0, b0 := a.Clone(), b.Clone()
+			got, want := randMatrix(rng, m, n), New(m, n)
+			Mul(got, a, b)
+			naiveMul(want, a, b)
+			checkClose(t, fmt.Sprintf("Mul %dx%dx%d", m, n, k), got.Data, want.Data)
+			checkUnchanged(t, "a", a, a0)
+			checkUnchanged(t, "b", b, b0)
+		}
+	})
+}
+
+func TestMulEmpty(t *testing.T) {
+	// k = 0: the product of empty sums is zero, overwriting what dst held.
+	dst := FromData(2, 2, []float32{1, 2, 3, 4})
+	MulT(dst, New(2, 0), New(2, 0))
+	for _, v := range dst.Data {
+		if v != 0 {
+			t.Fatalf("MulT with k=0 left %v", dst.Data)
+		}
+	}
+	MulT(New(0, 3), New(0, 4), New(3, 4))
+	Mul(New(3, 0), New(3, 4), New(4, 0))
+}
+
+func TestMulConcurrent(t *testing.T) {
+	// Several goroutines calling BLAS at once (as concurrent forward passes do) must each
+	// get correct results.
+	rng := rand.New(rand.NewSource(3))
+	a, b := randMatrix(rng, 150, 120), randMatrix(rng, 130, 120)
+	want := New(150, 130)
+	naiveMulT(want, a, b)
+	var wg sync.WaitGroup
+	errs := make([]string, 6)
+	for g := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			got := New(150, 130)
+			for range 5 {
+				MulT(got, a, b)
+				for i := range got.Data {
+					if !near(got.Data[i], want.Data[i], 0) {
+						errs[g] = fmt.Sprintf("goroutine %d: [%d] = %g, want %g", g, i, got.Data[i], want.Data[i])
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	for _, e := range errs {
+		if e != "" {
+			t.Fatal(e)
+		}
+	}
+}
+
+func TestMulShapePanics(t *testing.T) {
+	a := New(2, 3)
+	mustPanic(t, "MulT", func() { MulT(New(2, 4), a, New(4, 2)) })
+	mustPanic(t, "MulT", func() { MulT(New(3, 4), a, New(4, 3)) })
+	mustPanic(t, "Mul", func() { Mul(New(2, 4), a, New(4, 4)) })
+	mustPanic(t, "Mul", func() { Mul(New(2, 5), a, New(3, 4)) })
+	sq := New(3, 3)
+	mustPanic(t, "alias", func() { MulT(sq, sq, New(3, 3)) })
+	mustPanic(t, "alias", func() { Mul(sq, New(3, 3), sq) })
+	mustPanic(t, "MeasureSgemm", func() { MeasureSgemm(0, 1) })
+}
+
+func TestThreadsAndBackend(t *testing.T) {
+	prev := Threads()
+	defer SetThreads(prev)
+	SetThreads(3)
+	if Threads() != 3 {
+		t.Fatalf("Threads() = %d after SetThreads(3)", Threads())
+	}
+	SetThreads(0)
+	if Threads() < 1 {
+		t.Fatalf("Threads() = %d after SetThreads(0)", Threads())
+	}
+	if b := Backend(); b != "openblas" && b != "gonum (pure Go)" {
+		t.Fatalf("Backend() = %q", b)
+	}
+	t.Logf("backend %s", Backend())
+}
+
+func TestMeasureSgemm(t *testing.T) {
+	if g := MeasureSgemm(64, 2); !(g > 0) {
+		t.Fatalf("MeasureSgemm = %v", g)
+	}
+}
