@@ -173,8 +173,8 @@ func TestLlama2cFileSize(t *testing.T) {
 	}
 }
 
-// ropeRow maps a row of a head in the loaded (rotate-half) layout to the llama2.c row.
-func ropeRow(r, hd int) int {
+// l2cRopeRow maps a row of a head in the loaded (rotate-half) layout to the llama2.c row.
+func l2cRopeRow(r, hd int) int {
 	if r < hd/2 {
 		return 2 * r
 	}
@@ -227,7 +227,7 @@ func TestLlama2cPlacement(t *testing.T) {
 				}
 			}
 			same := func(r int) int { return r }
-			headPerm := func(r int) int { return r/hd*hd + ropeRow(r%hd, hd) }
+			headPerm := func(r int) int { return r/hd*hd + l2cRopeRow(r%hd, hd) }
 			check("model.embed_tokens.weight", off["token_embedding_table"], vocab, dim, same)
 			for l := range L {
 				p := fmt.Sprintf("model.layers.%d.", l)
@@ -256,23 +256,23 @@ func TestLlama2cPlacement(t *testing.T) {
 	}
 }
 
-// ropeInterleaved rotates pairs (2j, 2j+1) of every head of x in place, as llama2.c's run.c.
-func ropeInterleaved(x []float32, hd, pos int) {
+// l2cRopeInterleaved rotates pairs (2j, 2j+1) of every head of x in place, as llama2.c's run.c.
+func l2cRopeInterleaved(x []float32, hd, pos int) {
 	for i := 0; i < len(x); i += 2 {
 		j := (i % hd) / 2
-		c, s := ropeCosSin(j, hd, pos)
+		c, s := l2cCosSin(j, hd, pos)
 		v0, v1 := x[i], x[i+1]
 		x[i] = v0*c - v1*s
 		x[i+1] = v0*s + v1*c
 	}
 }
 
-// ropeRotateHalf rotates pairs (j, j+hd/2) of every head of x in place, as Hugging Face.
-func ropeRotateHalf(x []float32, hd, pos int) {
+// l2cRopeRotateHalf rotates pairs (j, j+hd/2) of every head of x in place, as Hugging Face.
+func l2cRopeRotateHalf(x []float32, hd, pos int) {
 	half := hd / 2
 	for h := 0; h < len(x); h += hd {
 		for j := range half {
-			c, s := ropeCosSin(j, hd, pos)
+			c, s := l2cCosSin(j, hd, pos)
 			v0, v1 := x[h+j], x[h+j+half]
 			x[h+j] = v0*c - v1*s
 			x[h+j+half] = v0*s + v1*c
@@ -280,12 +280,12 @@ func ropeRotateHalf(x []float32, hd, pos int) {
 	}
 }
 
-func ropeCosSin(j, hd, pos int) (float32, float32) {
+func l2cCosSin(j, hd, pos int) (float32, float32) {
 	a := float64(pos) / math.Pow(10000, float64(2*j)/float64(hd))
 	return float32(math.Cos(a)), float32(math.Sin(a))
 }
 
-func matVec(w []float32, rows, cols int, x []float32) []float32 {
+func l2cMatVec(w []float32, rows, cols int, x []float32) []float32 {
 	y := make([]float32, rows)
 	for r := range rows {
 		var s float32
@@ -321,19 +321,19 @@ func TestLlama2cRopePermutation(t *testing.T) {
 	for trial := range 20 {
 		x, y := stRandFloats(rng, dim), stRandFloats(rng, dim)
 		pos := rng.IntN(int(d.seq))
-		q, k := matVec(wq, dim, dim, x), matVec(wk, kvDim, dim, y)
-		ropeInterleaved(q, hd, pos)
-		ropeInterleaved(k, hd, pos+trial%3)
-		q2, k2 := matVec(pq, dim, dim, x), matVec(pk, kvDim, dim, y)
-		ropeRotateHalf(q2, hd, pos)
-		ropeRotateHalf(k2, hd, pos+trial%3)
+		q, k := l2cMatVec(wq, dim, dim, x), l2cMatVec(wk, kvDim, dim, y)
+		l2cRopeInterleaved(q, hd, pos)
+		l2cRopeInterleaved(k, hd, pos+trial%3)
+		q2, k2 := l2cMatVec(pq, dim, dim, x), l2cMatVec(pk, kvDim, dim, y)
+		l2cRopeRotateHalf(q2, hd, pos)
+		l2cRopeRotateHalf(k2, hd, pos+trial%3)
 		for i := range q2 {
-			if want := q[i/hd*hd+ropeRow(i%hd, hd)]; q2[i] != want {
+			if want := q[i/hd*hd+l2cRopeRow(i%hd, hd)]; q2[i] != want {
 				t.Fatalf("trial %d: rotated q'[%d] = %v, want %v (bit-exact)", trial, i, q2[i], want)
 			}
 		}
 		for i := range k2 {
-			if want := k[i/hd*hd+ropeRow(i%hd, hd)]; k2[i] != want {
+			if want := k[i/hd*hd+l2cRopeRow(i%hd, hd)]; k2[i] != want {
 				t.Fatalf("trial %d: rotated k'[%d] = %v, want %v (bit-exact)", trial, i, k2[i], want)
 			}
 		}

@@ -105,8 +105,11 @@ func (t *Llama2cTokenizer) Encode(text string) []int {
 	add := func(id int) {
 		start := work.Len()
 		work.WriteString(t.vocab[id])
-		k := len(syms)
-		syms = append(syms, bpeSym{start: start, end: work.Len(), prev: k - 1, next: k + 1, id: id})
+		if work.Len() > math.MaxInt32 {
+			panic("model: Llama2cTokenizer.Encode: text longer than 2 GiB")
+		}
+		k := int32(len(syms))
+		syms = append(syms, bpeSym{start: int32(start), end: int32(work.Len()), prev: k - 1, next: k + 1, id: int32(id)})
 	}
 	if t.space >= 0 {
 		add(t.space)
@@ -135,8 +138,8 @@ func (t *Llama2cTokenizer) Encode(text string) []int {
 	heap := make(bpeHeap, 0, len(syms))
 	t.bpe.merge(work.String(), syms, &heap, nil)
 	ids := make([]int, 0, len(syms))
-	for i := 0; i >= 0; i = syms[i].next {
-		ids = append(ids, syms[i].id)
+	for i := int32(0); i >= 0; i = syms[i].next {
+		ids = append(ids, int(syms[i].id))
 	}
 	return ids
 }

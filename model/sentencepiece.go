@@ -367,7 +367,10 @@ func (sp *SentencePiece) Encode(text string) []int {
 	if norm == "" {
 		return []int{}
 	}
-	syms := make([]bpeSym, 0, len(norm))
+	if len(norm) > math.MaxInt32 {
+		panic("model: SentencePiece.Encode: line longer than 2 GiB")
+	}
+	syms := make([]bpeSym, 0, utf8.RuneCountInString(norm))
 	for i := 0; i < len(norm); {
 		size, frozen := 0, false
 		if sp.user != nil {
@@ -385,8 +388,8 @@ func (sp *SentencePiece) Encode(text string) []int {
 				_, size = utf8.DecodeRuneInString(norm[i:]) // valid: normalize replaced bad bytes
 			}
 		}
-		k := len(syms)
-		syms = append(syms, bpeSym{start: i, end: i + size, prev: k - 1, next: k + 1, id: -1, frozen: frozen})
+		k := int32(len(syms))
+		syms = append(syms, bpeSym{start: int32(i), end: int32(i + size), prev: k - 1, next: k + 1, id: -1, frozen: frozen})
 		i += size
 	}
 	syms[len(syms)-1].next = -1
@@ -399,7 +402,7 @@ func (sp *SentencePiece) Encode(text string) []int {
 	sp.bpe.merge(norm, syms, &heap, rev)
 
 	ids := make([]int, 0, len(syms))
-	for i := 0; i >= 0; i = syms[i].next {
+	for i := int32(0); i >= 0; i = syms[i].next {
 		ids = sp.appendPiece(ids, norm[syms[i].start:syms[i].end], rev)
 	}
 	return ids

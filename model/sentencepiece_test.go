@@ -134,7 +134,7 @@ func TestSentencePieceNormalize(t *testing.T) {
 		{"\ttab", "▁\ttab"},   // a tab is not a space: it stays
 		{"a \t b", "▁a▁\t▁b"}, // nor does it join a run of spaces
 		{"é🙂", "▁é🙂"},
-		{"a▁", "▁a"},   // trailing U+2581 goes with the trailing strip, as in sentencepiece
+		{"a▁", "▁a"},    // trailing U+2581 goes with the trailing strip, as in sentencepiece
 		{"▁ a", "▁▁▁a"}, // a literal U+2581 does not start a run of spaces
 		{"bad\xffbyte", "▁bad\uFFFDbyte"},
 	} {
@@ -377,7 +377,7 @@ func smallSP(t *testing.T, byteFallback bool) *SentencePiece {
 		{"c", -4, 0},
 		{"ab", -5, 0},
 		{"▁ab", -6, 0},
-		{"bc", -5, 0},     // ties "ab": the leftmost pair wins
+		{"bc", -5, 0},        // ties "ab": the leftmost pair wins
 		{"cc", -1, spUnused}, // merged, then split back
 		{"▁cc", -0.5, 0},
 		{"<X>", 0, spUserDefined},
@@ -438,8 +438,8 @@ func TestSentencePieceNormalizerFlags(t *testing.T) {
 	f, tr := false, true
 	base := []spTestPiece{{"<unk>", 0, spUnknown}, {"a", -1, 0}, {" ", -1, 0}, {"▁", -1, 0}}
 	for _, c := range []struct {
-		name                   string
-		dummy, remove, escape  *bool
+		name                  string
+		dummy, remove, escape *bool
 		text, norm, roundTrip string
 	}{
 		{"defaults", nil, nil, nil, " a  a ", "▁a▁a", "a a"},

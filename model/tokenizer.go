@@ -90,22 +90,23 @@ func isRegular(path string) bool {
 }
 
 // bpeSym is one symbol of a BPE segmentation: the byte range [start, end) of the working
-// text, linked to its neighbours (-1 at the ends).
+// text, linked to its neighbours (-1 at the ends). Fields are int32 to halve the memory
+// traffic: a working text must be shorter than 2 GiB.
 type bpeSym struct {
-	start, end int
-	prev, next int
-	id         int  // vocabulary id of the range; -1 when it has none
-	frozen     bool // never merged (a user-defined symbol)
-	dead       bool // merged into its left neighbour
+	start, end int32
+	prev, next int32
+	id         int32 // vocabulary id of the range; -1 when it has none
+	frozen     bool  // never merged (a user-defined symbol)
+	dead       bool  // merged into its left neighbour
 }
 
 // bpePair is a merge candidate: symbols left and right (adjacent when pushed) whose
 // concatenation, size bytes long, is piece id with score.
 type bpePair struct {
 	score       float32
-	left, right int
-	size        int
-	id          int
+	left, right int32
+	size        int32
+	id          int32
 }
 
 // bpeHeap is a max-heap of candidates: the highest score first, ties to the leftmost.
@@ -131,28 +132,33 @@ func (h *bpeHeap) push(p bpePair) {
 	}
 }
 
+// down restores the heap order below i.
+func (h bpeHeap) down(i int) {
+	n := len(h)
+	for {
+		l := 2*i + 1
+		if l >= n {
+			return
+		}
+		m := l
+		if r := l + 1; r < n && h.less(r, l) {
+			m = r
+		}
+		if !h.less(m, i) {
+			return
+		}
+		h[i], h[m] = h[m], h[i]
+		i = m
+	}
+}
+
 func (h *bpeHeap) pop() bpePair {
 	a := *h
 	top := a[0]
 	n := len(a) - 1
 	a[0] = a[n]
-	a = a[:n]
-	for i := 0; ; {
-		l := 2*i + 1
-		if l >= n {
-			break
-		}
-		m := l
-		if r := l + 1; r < n && a.less(r, l) {
-			m = r
-		}
-		if !a.less(m, i) {
-			break
-		}
-		a[i], a[m] = a[m], a[i]
-		i = m
-	}
-	*h = a
+	*h = a[:n]
+	h.down(0)
 	return top
 }
 
@@ -175,7 +181,10 @@ type bpeMerger struct {
 func (b *bpeMerger) merge(text string, syms []bpeSym, heap *bpeHeap, rev map[string][2]string) {
 	*heap = (*heap)[:0]
 	for i := 1; i < len(syms); i++ {
-		b.candidate(text, syms, i-1, i, heap, rev)
+		b.candidate(text, syms, int32(i-1), int32(i), heap, rev, false)
+	}
+	for i := len(*heap)/2 - 1; i >= 0; i-- { // heapify: O(n)
+		heap.down(i)
 	}
 	for len(*heap) > 0 {
 		top := heap.pop()
@@ -190,12 +199,14 @@ func (b *bpeMerger) merge(text string, syms []bpeSym, heap *bpeHeap, rev map[str
 			syms[r.next].prev = top.left
 		}
 		r.dead = true
-		b.candidate(text, syms, l.prev, top.left, heap, rev)
-		b.candidate(text, syms, top.left, l.next, heap, rev)
+		b.candidate(text, syms, l.prev, top.left, heap, rev, true)
+		b.candidate(text, syms, top.left, l.next, heap, rev, true)
 	}
 }
 
-func (b *bpeMerger) candidate(text string, syms []bpeSym, left, right int, heap *bpeHeap, rev map[string][2]string) {
+// candidate queues the pair (left, right) if it forms a mergeable piece: pushed onto the
+// heap when push, else appended (the caller heapifies).
+func (b *bpeMerger) candidate(text string, syms []bpeSym, left, right int32, heap *bpeHeap, rev map[string][2]string, push bool) {
 	if left < 0 || right < 0 || syms[left].frozen || syms[right].frozen {
 		return
 	}
@@ -205,7 +216,12 @@ func (b *bpeMerger) candidate(text string, syms []bpeSym, left, right int, heap 
 	if !ok || b.scores[id] <= b.minScore {
 		return
 	}
-	heap.push(bpePair{score: b.scores[id], left: left, right: right, size: len(piece), id: id})
+	p := bpePair{score: b.scores[id], left: left, right: right, size: int32(len(piece)), id: int32(id)}
+	if push {
+		heap.push(p)
+	} else {
+		*heap = append(*heap, p)
+	}
 	if rev != nil && b.unused[id] {
 		rev[piece] = [2]string{text[syms[left].start:syms[left].end], text[syms[right].start:syms[right].end]}
 	}

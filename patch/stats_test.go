@@ -147,7 +147,6 @@ func TestMergeSplitsEqualOnePass(t *testing.T) {
 	}
 }
 
-
 // TestAccumulateNaive checks every statistic against a direct computation from
 // HiddenStates, one window at a time, with the dense Hadamard matrix.
 func TestAccumulateNaive(t *testing.T) {

@@ -4,12 +4,9 @@ import "math"
 
 // attnRowsPerBlock is the target number of score rows (query positions × heads of a kv
 // group) per causal block: block i of query positions only multiplies against the keys up
-// to its last position, so the upper triangle is (mostly) skipped.
-var attnRowsPerBlock = 128
-
-// attnSerial forces the (sequence, kv head) items to run one after another (BLAS threads
-// then parallelize inside each product). Benchmark knob.
-var attnSerial = false
+// to its last position, so the upper triangle is (mostly) skipped. 64 measured best among
+// 64, 128, 256 and unblocked on the development machine. Tests vary it.
+var attnRowsPerBlock = 64
 
 // Attention computes causal grouped-query attention for B sequences of seqLen rows each,
 // stacked in rows. q and dst are (B·seqLen)×(heads·hd); k and v are (B·seqLen)×(kvHeads·hd).
@@ -20,7 +17,10 @@ var attnSerial = false
 // is a multiple of heads, the row counts are equal multiples of seqLen and the widths match.
 //
 // Work is split over (sequence, kv head) pairs on up to Threads() goroutines; the query
-// heads of one kv group are stacked so that each product is one sgemm.
+// heads of one kv group are stacked so that each product is one sgemm, and query positions
+// go in blocks that only meet the keys up to the block's end. While the pairs run in
+// parallel, OpenBLAS is held at one thread (a process-wide setting): BLAS products that
+// other goroutines run meanwhile stay correct but single-threaded.
 func Attention(dst, q, k, v *Matrix, seqLen, heads, kvHeads int) {
 	mustShape("Attention", seqLen >= 1 && heads >= 1 && kvHeads >= 1 && heads%kvHeads == 0 &&
 		q.Cols%heads == 0, "seqLen %d, %d heads, %d kv heads, q width %d", seqLen, heads, kvHeads, q.Cols)
@@ -80,12 +80,10 @@ func Attention(dst, q, k, v *Matrix, seqLen, heads, kvHeads int) {
 			copy(dst.Data[off:off+gw], s.o[t*gw:(t+1)*gw])
 		}
 	}
-	if attnSerial {
-		setup(1)
-		for it := range B * kvHeads {
-			item(0, it)
-		}
-		return
+	if Threads() > 1 && B*kvHeads > 1 {
+		// Many small products side by side: one BLAS thread each is faster than BLAS
+		// threads inside each product (measured: about 1/4 of the CPU time).
+		defer singleBLAS()()
 	}
 	parallelItems(B*kvHeads, setup, item)
 }

@@ -3,6 +3,7 @@ package tensor
 import (
 	"fmt"
 	"math/rand"
+	"sync"
 	"testing"
 )
 
@@ -41,19 +42,17 @@ func TestAttentionMatchesNaive(t *testing.T) {
 }
 
 func TestAttentionBlockSizes(t *testing.T) {
-	// The causal blocking must not change results, whatever the block and serial setting.
-	defer func(b int, s bool) { attnRowsPerBlock, attnSerial = b, s }(attnRowsPerBlock, attnSerial)
+	// The causal blocking must not change results, whatever the block size.
+	defer func(b int) { attnRowsPerBlock = b }(attnRowsPerBlock)
 	rng := rand.New(rand.NewSource(11))
 	q, k, v := randMatrix(rng, 2*37, 4*6), randMatrix(rng, 2*37, 2*6), randMatrix(rng, 2*37, 2*6)
 	want := New(2*37, 4*6)
 	naiveAttention(want, q, k, v, 37, 4, 2)
 	for _, rows := range []int{1, 2, 5, 64, 1000} {
-		for _, serial := range []bool{false, true} {
-			attnRowsPerBlock, attnSerial = rows, serial
-			got := New(2*37, 4*6)
-			Attention(got, q, k, v, 37, 4, 2)
-			checkClose(t, fmt.Sprintf("rows %d serial %v", rows, serial), got.Data, want.Data)
-		}
+		attnRowsPerBlock = rows
+		got := New(2*37, 4*6)
+		Attention(got, q, k, v, 37, 4, 2)
+		checkClose(t, fmt.Sprintf("rows %d", rows), got.Data, want.Data)
 	}
 }
 
@@ -68,4 +67,71 @@ func TestAttentionShapePanics(t *testing.T) {
 	mustPanic(t, "Attention", func() { Attention(dst, q, New(4, 4), kv, 4, 2, 1) }) // k rows
 	mustPanic(t, "Attention", func() { Attention(dst, q, kv, kv, 0, 2, 1) })
 	mustPanic(t, "alias", func() { Attention(q, q, kv, kv, 4, 2, 1) })
+}
+
+func TestAttentionConcurrent(t *testing.T) {
+	// Concurrent calls overlap their single-threaded-BLAS sections; all must be correct and
+	// the BLAS thread count must come back afterwards.
+	prev := Threads()
+	defer SetThreads(prev)
+	SetThreads(2)
+	before := blasThreads()
+	rng := rand.New(rand.NewSource(12))
+	q, k, v := randMatrix(rng, 3*40, 4*8), randMatrix(rng, 3*40, 2*8), randMatrix(rng, 3*40, 2*8)
+	want := New(3*40, 4*8)
+	naiveAttention(want, q, k, v, 40, 4, 2)
+	var wg sync.WaitGroup
+	bad := make([]bool, 6)
+	for g := range bad {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 10 {
+				got := New(3*40, 4*8)
+				Attention(got, q, k, v, 40, 4, 2)
+				for i := range got.Data {
+					if !near(got.Data[i], want.Data[i], 0) {
+						bad[g] = true
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	for g, b := range bad {
+		if b {
+			t.Fatalf("goroutine %d got a wrong result", g)
+		}
+	}
+	if got := blasThreads(); got != before {
+		t.Fatalf("BLAS threads %d after concurrent Attention, want %d", got, before)
+	}
+}
+
+func TestSingleBLASSections(t *testing.T) {
+	prev := Threads()
+	defer SetThreads(prev)
+	SetThreads(3)
+	want := blasThreads() // 3 with OpenBLAS, 1 with gonum (no setting of its own)
+	end1 := singleBLAS()
+	end2 := singleBLAS()
+	if blasThreads() != 1 {
+		t.Fatalf("BLAS threads %d inside a section", blasThreads())
+	}
+	end1()
+	if blasThreads() != 1 {
+		t.Fatalf("BLAS threads %d while a section remains", blasThreads())
+	}
+	SetThreads(2) // deferred to the end of the last section
+	if blasThreads() != 1 || Threads() != 2 {
+		t.Fatalf("BLAS threads %d, Threads %d after SetThreads inside a section", blasThreads(), Threads())
+	}
+	end2()
+	if want == 3 {
+		want = 2
+	}
+	if blasThreads() != want {
+		t.Fatalf("BLAS threads %d after the sections, want %d", blasThreads(), want)
+	}
 }

@@ -34,3 +34,6 @@ func gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int,
 
 // setBLASThreads sets OpenBLAS's (process-wide) thread count.
 func setBLASThreads(n int) { C.openblas_set_num_threads(C.int(n)) }
+
+// blasThreads returns OpenBLAS's current thread count.
+func blasThreads() int { return int(C.openblas_get_num_threads()) }

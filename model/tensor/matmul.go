@@ -3,6 +3,7 @@ package tensor
 import (
 	"math/rand"
 	"runtime"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -25,7 +26,42 @@ func SetThreads(n int) {
 		n = runtime.NumCPU()
 	}
 	threads.Store(int64(n))
+	single.Lock()
+	defer single.Unlock()
+	if single.depth > 0 {
+		single.restore = n // applied when the last single-threaded section ends
+		return
+	}
 	setBLASThreads(n)
+}
+
+// single tracks the sections during which BLAS is held at one thread because the caller
+// parallelizes over goroutines itself (see singleBLAS).
+var single struct {
+	sync.Mutex
+	depth   int // sections in progress
+	restore int // BLAS thread count to restore when depth drops to 0
+}
+
+// singleBLAS restricts BLAS to one thread until the returned function is called. Sections
+// may overlap (concurrent kernels); the previous count comes back when the last one ends.
+// BLAS products running meanwhile on other goroutines are correct but single-threaded.
+func singleBLAS() (done func()) {
+	single.Lock()
+	if single.depth == 0 {
+		single.restore = blasThreads()
+		setBLASThreads(1)
+	}
+	single.depth++
+	single.Unlock()
+	return func() {
+		single.Lock()
+		single.depth--
+		if single.depth == 0 {
+			setBLASThreads(single.restore)
+		}
+		single.Unlock()
+	}
 }
 
 // Threads returns the goroutine parallelism of the Go kernels (always >= 1).

@@ -105,9 +105,11 @@ func Softmax(x []float32) {
 	}
 	mx := x[0]
 	for _, v := range x[1:] {
-		mx = max(mx, v)
+		if v > mx {
+			mx = v
+		}
 	}
-	sum := expShift(x, x, mx)
+	sum := expShift(x, x, mx) // a NaN anywhere makes sum, and so every output, NaN
 	inv := float32(1 / sum)
 	for i := range x {
 		x[i] *= inv

@@ -29,10 +29,10 @@ func parallelFor(n, grain int, fn func(lo, hi int)) {
 	wg.Wait()
 }
 
-// parallelItems runs fn(worker, i) for every i in [0,n) on up to Threads() goroutines that
-// take items in order from a shared counter; worker in [0, workers) identifies the goroutine
-// so fn can use per-worker scratch. It returns the worker count used before any fn runs via
-// setup(workers), which may allocate that scratch.
+// parallelItems runs fn(worker, i) for every i in [0,n) on w = min(Threads(), n)
+// goroutines (the caller's among them) that take items in order from a shared counter, and
+// returns when all are done. It first calls setup(w) so that the caller can allocate
+// per-worker scratch; worker is in [0, w).
 func parallelItems(n int, setup func(workers int), fn func(worker, i int)) {
 	if n <= 0 {
 		return
