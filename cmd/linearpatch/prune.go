@@ -1,0 +1,359 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"linearpatch/model"
+	"linearpatch/model/tensor"
+	"linearpatch/patch"
+)
+
+func newPruneCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "prune --model PATH --calib FILE --num-prune n --out DIR",
+		Short: "Select the block to prune, fit the training-free patch and export the pruned model",
+		Long: `One calibration pass over the first --calib-windows windows of --calib gathers the
+per-token cosine between X_i and X_{i+n} for every start i, the per-window channel magnitudes
+of every layer (plain and Hadamard-rotated) and, for lstsq, the Gram sums. The block with the
+highest mean cosine is pruned and the patch fitted by --method:
+
+  rotate  P = H·diag(s)·Hᵀ, s = mean over windows of mean|X_j·H| / mean|X_i·H| (the paper)
+  diag    P = diag(s), the same without H
+  lstsq   P = (XᵢᵀXᵢ + λI)⁻¹·XᵢᵀX_j, λ = ridge·trace(XᵢᵀXᵢ)/d (after ReplaceMe)
+  none    plain pruning
+  all     fit every method; export the best by --eval perplexity (rotate without --eval)
+
+The pruned model is written to --out as a Hugging Face directory (see README, "Exported
+model layout"). --eval FILE adds a comparison table: perplexity, KL divergence to the dense
+model and top-1 agreement with it, for the dense model, plain pruning and each method.`,
+		Args: cobra.NoArgs,
+		RunE: runPrune,
+	}
+	addPruneFlags(cmd)
+	return cmd
+}
+
+// addPruneFlags declares the flags shared by prune and run.
+func addPruneFlags(cmd *cobra.Command) {
+	f := cmd.Flags()
+	f.String("model", "", "original model: Hugging Face directory or llama2.c .bin (required)")
+	f.String("calib", "", "calibration data: text or JSON Lines (required)")
+	f.Int("calib-windows", 128, "calibration windows (the first N of --calib)")
+	f.Int("seq-len", 256, "tokens per window")
+	f.Int("num-prune", 0, "number of consecutive layers to remove (required)")
+	f.String("method", "rotate", "patch: rotate, diag, lstsq, none or all")
+	f.Bool("allow-edges", false, "also consider the first layer and blocks that end at the output")
+	f.Float64("ridge", 1e-6, "lstsq ridge r: λ = r·trace(XᵢᵀXᵢ)/d")
+	f.String("out", "", "output directory for the pruned model (must not exist; required)")
+	f.String("eval", "", "evaluation data: adds the comparison table")
+	f.Int("eval-windows", 0, "evaluate only the first N windows of --eval (0: all)")
+	f.String("report", "", "write report.md and PNG plots to this directory (must not exist)")
+	f.Bool("json", false, "print the result as one JSON object on the last line of stdout")
+}
+
+// pruneResult is prune's JSON output.
+type pruneResult struct {
+	Start    int                `json:"start"`
+	End      int                `json:"end"`
+	Method   string             `json:"method"`
+	Cosine   []float64          `json:"cosine"`
+	Out      string             `json:"out"`
+	Scale    []float64          `json:"scale,omitempty"`
+	PPL      map[string]float64 `json:"ppl,omitempty"`
+	KL       map[string]float64 `json:"kl,omitempty"`
+	Top1     map[string]float64 `json:"top1,omitempty"`
+	Report   string             `json:"report,omitempty"`
+	Seconds  float64            `json:"seconds"`
+	Calib    patch.Calibration  `json:"calibration"`
+	Fitted   []string           `json:"fitted"`
+	Selected string             `json:"selected_by"`
+}
+
+// pruneSpec is the validated input of a prune.
+type pruneSpec struct {
+	modelPath, calib, out, eval, report string
+	calibWindows, seqLen, numPrune      int
+	evalWindows                         int
+	methods                             []patch.Method
+	all, allowEdges, json               bool
+	ridge                               float64
+}
+
+func pruneSpecFrom(s settings) (pruneSpec, error) {
+	p := pruneSpec{
+		modelPath: s.str("model"), calib: s.str("calib"), out: s.str("out"), eval: s.str("eval"),
+		report: s.str("report"), calibWindows: s.num("calib-windows"), seqLen: s.num("seq-len"),
+		numPrune: s.num("num-prune"), evalWindows: s.num("eval-windows"), allowEdges: s.flag("allow-edges"),
+		json: s.flag("json"), ridge: s.float("ridge"),
+	}
+	var missing []string
+	for _, req := range []struct{ flag, val string }{{"--model", p.modelPath}, {"--calib", p.calib}, {"--out", p.out}} {
+		if req.val == "" {
+			missing = append(missing, req.flag)
+		}
+	}
+	if len(missing) > 0 {
+		return p, fmt.Errorf("%s required", strings.Join(missing, ", "))
+	}
+	switch {
+	case p.numPrune < 1:
+		return p, errors.New("--num-prune must be at least 1")
+	case p.calibWindows < 1:
+		return p, errors.New("--calib-windows must be at least 1")
+	case p.seqLen < 2:
+		return p, errors.New("--seq-len must be at least 2")
+	case p.ridge < 0:
+		return p, errors.New("--ridge must be ≥ 0")
+	case p.evalWindows < 0:
+		return p, errors.New("--eval-windows must be ≥ 0")
+	}
+	for _, path := range []string{p.out, p.report} {
+		if path == "" {
+			continue
+		}
+		if _, err := os.Stat(path); err == nil {
+			return p, fmt.Errorf("%s already exists; remove it or choose another path", path)
+		}
+	}
+	switch m := patch.Method(s.str("method")); m {
+	case "all":
+		p.all = true
+		p.methods = []patch.Method{patch.MethodNone, patch.MethodDiag, patch.MethodRotate, patch.MethodLstsq}
+	case patch.MethodNone, patch.MethodDiag, patch.MethodRotate, patch.MethodLstsq:
+		p.methods = []patch.Method{m}
+	default:
+		return p, fmt.Errorf("--method %q: want rotate, diag, lstsq, none or all", m)
+	}
+	return p, nil
+}
+
+func (p pruneSpec) wants(m patch.Method) bool {
+	for _, x := range p.methods {
+		if x == m {
+			return true
+		}
+	}
+	return false
+}
+
+func runPrune(cmd *cobra.Command, _ []string) error {
+	s, err := resolve(cmd)
+	if err != nil {
+		return err
+	}
+	spec, err := pruneSpecFrom(s)
+	if err != nil {
+		return err
+	}
+	began := time.Now()
+	ctx := cmd.Context()
+	m, err := loadModel(spec.modelPath)
+	if err != nil {
+		return err
+	}
+	L := m.Config.Layers
+	if spec.numPrune >= L-1 && !spec.allowEdges || spec.numPrune >= L {
+		return fmt.Errorf("--num-prune %d: the model has %d layers; at most %d can be pruned (%d with --allow-edges)", spec.numPrune, L, max(L-2, 0), L-1)
+	}
+	calib, err := loadWindows(spec.modelPath, spec.calib, m.Vocab, spec.seqLen, spec.calibWindows)
+	if err != nil {
+		return err
+	}
+	if len(calib) < spec.calibWindows {
+		slog.Warn("calibration data is shorter than asked", "windows", len(calib), "asked", spec.calibWindows)
+	}
+	var evalWindows [][]int
+	if spec.eval != "" {
+		if evalWindows, err = loadWindows(spec.modelPath, spec.eval, m.Vocab, spec.seqLen, spec.evalWindows); err != nil {
+			return err
+		}
+	}
+	h, err := patch.NewHadamard(m.Dim)
+	if err != nil {
+		if spec.wants(patch.MethodRotate) && !spec.all {
+			return err
+		}
+		slog.Warn("no Hadamard matrix for this width; the rotate patch is skipped", "dim", m.Dim, "err", err)
+		h = nil
+		spec.methods = without(spec.methods, patch.MethodRotate)
+	}
+
+	// One calibration pass; the Gram sums for every candidate when they fit in memory,
+	// else a second pass over the same windows for the chosen cut.
+	opts := patch.StatsOptions{NumPrune: spec.numPrune}
+	gramBytes := int64(L-spec.numPrune+1) * 2 * int64(m.Dim) * int64(m.Dim) * 8
+	if spec.wants(patch.MethodLstsq) && gramBytes <= 1<<30 {
+		opts.Gram = patch.GramAll
+	}
+	st := patch.NewStats(L, m.Dim, spec.numPrune, spec.seqLen)
+	bar := newProgress("calibrate", "windows", len(calib))
+	err = patch.Accumulate(ctx, m, h, calib, 0, opts, st, bar.Set)
+	bar.Finish()
+	if err != nil {
+		return err
+	}
+	cos := st.Cosine()
+	start, err := patch.Select(cos, L, spec.numPrune, spec.allowEdges)
+	if err != nil {
+		return err
+	}
+	end := start + spec.numPrune
+	slog.Info("selected block", "start", start, "end", end, "cosine", cos[start])
+	if spec.wants(patch.MethodLstsq) && opts.Gram != patch.GramAll {
+		opts = patch.StatsOptions{NumPrune: spec.numPrune, Gram: patch.GramCut, Start: start}
+		gram := patch.NewStats(L, m.Dim, spec.numPrune, spec.seqLen)
+		bar := newProgress("gram sums", "windows", len(calib))
+		err = patch.Accumulate(ctx, m, h, calib, 0, opts, gram, bar.Set)
+		bar.Finish()
+		if err != nil {
+			return err
+		}
+		st.Gram = gram.Gram
+	}
+
+	patches := map[patch.Method]*tensor.Matrix{}
+	scales := map[patch.Method][]float64{}
+	for _, meth := range spec.methods {
+		P, sc, err := patch.Fit(st, h, start, meth, spec.ridge)
+		if err != nil {
+			return err
+		}
+		patches[meth], scales[meth] = P, sc
+	}
+
+	res := pruneResult{Start: start, End: end, Cosine: cos, Out: spec.out,
+		Calib: patch.Calibration{File: spec.calib, Windows: len(calib), SeqLen: spec.seqLen, Tokens: st.Tokens()}}
+	for _, meth := range spec.methods {
+		res.Fitted = append(res.Fitted, string(meth))
+	}
+	var scores map[string]patch.Score
+	if evalWindows != nil {
+		variants := []patch.Variant{{Name: string(patch.MethodNone)}}
+		for _, meth := range spec.methods {
+			if meth != patch.MethodNone {
+				variants = append(variants, patch.Variant{Name: string(meth), P: patches[meth]})
+			}
+		}
+		bar := newProgress("evaluate", "windows", len(evalWindows))
+		scores, err = patch.Compare(ctx, m, evalWindows, start, end, variants, bar.Set)
+		bar.Finish()
+		if err != nil {
+			return err
+		}
+		res.PPL, res.KL, res.Top1 = map[string]float64{}, map[string]float64{}, map[string]float64{}
+		for n, sc := range scores {
+			res.PPL[n], res.KL[n], res.Top1[n] = sc.PPL, sc.KL, sc.Top1
+		}
+	}
+
+	chosen := spec.methods[0]
+	res.Selected = "--method"
+	if spec.all {
+		chosen, res.Selected = patch.MethodRotate, "default (rotate; no --eval)"
+		if h == nil {
+			chosen = patch.MethodLstsq
+		}
+		if scores != nil {
+			best := ""
+			for _, meth := range spec.methods {
+				if best == "" || scores[string(meth)].PPL < scores[best].PPL {
+					best = string(meth)
+				}
+			}
+			chosen, res.Selected = patch.Method(best), "lowest --eval perplexity"
+		}
+	}
+	res.Method, res.Scale = string(chosen), scales[chosen]
+
+	fp, err := model.Fingerprint(spec.modelPath)
+	if err != nil {
+		return err
+	}
+	rec := patch.Record{
+		Source:      patch.SourceModel{Path: spec.modelPath, Fingerprint: fp, Layers: L, Dim: m.Dim},
+		Start:       start,
+		End:         end,
+		Method:      string(chosen),
+		Scale:       scales[chosen],
+		Cosine:      cos,
+		Calibration: res.Calib,
+		Eval:        scores,
+	}
+	if chosen == patch.MethodRotate {
+		rec.Hadamard = "Sylvester (natural order) ⊗ order-m factor, normalized; see patch/hadamard.go"
+	}
+	if chosen == patch.MethodLstsq {
+		rec.Ridge = spec.ridge
+	}
+	if err := patch.Export(spec.out, m, patches[chosen], rec); err != nil {
+		return err
+	}
+
+	if spec.report != "" {
+		n := min(len(calib), 8)
+		prof, err := patch.ProfileCut(ctx, m, h, calib[:n], start, end, patches[chosen])
+		if err != nil {
+			return err
+		}
+		in := patch.ReportInput{
+			Model: spec.modelPath, NumPrune: spec.numPrune, Start: start, End: end, Method: string(chosen),
+			AllowEdges: spec.allowEdges, Cosine: cos, Scores: scores, Profile: prof,
+			Extra: []string{fmt.Sprintf("Calibration: %d windows of %d tokens from `%s`.", len(calib), spec.seqLen, spec.calib)},
+		}
+		if err := patch.WriteReport(spec.report, in); err != nil {
+			return err
+		}
+		res.Report = spec.report
+	}
+	res.Seconds = time.Since(began).Seconds()
+	printPruneTable(res, scores)
+	if spec.json {
+		return json.NewEncoder(os.Stdout).Encode(res)
+	}
+	return nil
+}
+
+func without(ms []patch.Method, drop patch.Method) []patch.Method {
+	var out []patch.Method
+	for _, m := range ms {
+		if m != drop {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// printPruneTable prints the selection and, with scores, the comparison as Markdown.
+func printPruneTable(res pruneResult, scores map[string]patch.Score) {
+	fmt.Printf("pruned block [%d, %d) (mean cosine %.6f); method %s (%s); written to %s\n\n",
+		res.Start, res.End, res.Cosine[res.Start], res.Method, res.Selected, res.Out)
+	fmt.Println("| start | cosine |")
+	fmt.Println("|---:|---:|")
+	for i, c := range res.Cosine {
+		mark := ""
+		if i == res.Start {
+			mark = " ←"
+		}
+		fmt.Printf("| %d | %.6f%s |\n", i, c, mark)
+	}
+	if scores == nil {
+		return
+	}
+	dense := scores[patch.DenseName].PPL
+	fmt.Println()
+	fmt.Println("| model | perplexity | vs dense | KL to dense | top-1 agreement |")
+	fmt.Println("|---|---:|---:|---:|---:|")
+	for _, n := range patch.SortedNames(scores) {
+		sc := scores[n]
+		fmt.Printf("| %s | %.4f | %+.2f%% | %.5f | %.2f%% |\n", n, sc.PPL, 100*(sc.PPL/dense-1), sc.KL, 100*sc.Top1)
+	}
+	fmt.Println()
+}

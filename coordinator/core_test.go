@@ -1,0 +1,246 @@
+package coordinator
+
+import (
+	"math/rand/v2"
+	"reflect"
+	"testing"
+	"time"
+)
+
+func testPlan(t *testing.T, calib, train, per int) *Plan {
+	t.Helper()
+	p, err := NewPlan(Settings{Model: "m", Fingerprint: "f", Calib: "c", CalibWindows: 128, Train: "t",
+		SeqLen: 16, NumPrune: 2, ShardWindows: per, TopK: 50, ValidFrac: 0.05}, calib, train)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestNewPlanSplits(t *testing.T) {
+	tests := []struct {
+		calib, train, per             int
+		statsShards, train_, valid    int
+		cacheShards, firstValidWindow int
+	}{
+		{calib: 200, train: 2643, per: 32, statsShards: 4, train_: 2510, valid: 133, cacheShards: 79 + 5, firstValidWindow: 2510},
+		{calib: 10, train: 100, per: 32, statsShards: 1, train_: 95, valid: 5, cacheShards: 3 + 1, firstValidWindow: 95},
+		{calib: 1, train: 2, per: 1, statsShards: 1, train_: 1, valid: 1, cacheShards: 2, firstValidWindow: 1},
+	}
+	for _, tc := range tests {
+		p := testPlan(t, tc.calib, tc.train, tc.per)
+		if len(p.Stats) != tc.statsShards || p.TrainWindows != tc.train_ || p.ValidWindows != tc.valid || len(p.Cache) != tc.cacheShards {
+			t.Errorf("%+v: got %d stats shards, %d train, %d valid windows, %d cache shards", tc, len(p.Stats), p.TrainWindows, p.ValidWindows, len(p.Cache))
+		}
+		covered := 0
+		for i, s := range p.Cache {
+			if s.ID != i || s.First != covered {
+				t.Errorf("%+v: shard %d = %+v, want id %d first %d", tc, i, s, i, covered)
+			}
+			if (s.Split == SplitValid) != (s.First >= tc.firstValidWindow) {
+				t.Errorf("%+v: shard %+v mixes splits", tc, s)
+			}
+			covered += s.Windows
+		}
+		if covered != tc.train {
+			t.Errorf("%+v: cache shards cover %d windows, want %d", tc, covered, tc.train)
+		}
+	}
+	if _, err := NewPlan(Settings{Model: "m", Fingerprint: "f", Calib: "c", CalibWindows: 1, SeqLen: 16, NumPrune: 1, ShardWindows: 1, TopK: 1}, 0, 0); err == nil {
+		t.Error("a plan without calibration windows was accepted")
+	}
+}
+
+func TestRunIDStable(t *testing.T) {
+	a := Settings{Model: "m", Fingerprint: "f", Calib: "c", CalibWindows: 1, SeqLen: 16, NumPrune: 1, ShardWindows: 1, TopK: 1}
+	b := a
+	if a.RunID() != b.RunID() {
+		t.Fatal("equal settings give different run ids")
+	}
+	b.NumPrune = 2
+	if a.RunID() == b.RunID() {
+		t.Fatal("different settings give the same run id")
+	}
+}
+
+// recorder drives a Core and records what it asked for, like the real driver would.
+type recorder struct {
+	core      *Core
+	published map[Phase]map[int]int // phase → shard → times published
+	persisted map[string]ShardState
+	fits      int
+	students  int
+	finished  bool
+	failed    string
+}
+
+func newRecorder(c *Core) *recorder {
+	return &recorder{core: c, published: map[Phase]map[int]int{}, persisted: map[string]ShardState{}}
+}
+
+func (r *recorder) step(ev Event) {
+	queue := []Event{ev}
+	for len(queue) > 0 {
+		ev, queue = queue[0], queue[1:]
+		for _, a := range r.core.Step(ev) {
+			switch a := a.(type) {
+			case ActPersist:
+				for _, s := range a.States {
+					r.persisted[s.Key()] = s
+				}
+			case ActPersistPhase:
+			case ActPublishTasks:
+				if r.published[a.Phase] == nil {
+					r.published[a.Phase] = map[int]int{}
+				}
+				for _, s := range a.Shards {
+					r.published[a.Phase][s.ID]++
+				}
+			case ActFit:
+				r.fits++
+				queue = append(queue, EvFitted{})
+			case ActStartStudent:
+				r.students++
+				queue = append(queue, EvStudentDone{})
+			case ActFinish:
+				r.finished = true
+			case ActFail:
+				r.failed = a.Reason
+			default:
+				panic(a)
+			}
+		}
+	}
+}
+
+func (r *recorder) restored() []ShardState {
+	var out []ShardState
+	for _, s := range r.persisted {
+		out = append(out, s)
+	}
+	return out
+}
+
+func TestCoreHappyPath(t *testing.T) {
+	p := testPlan(t, 70, 100, 32)
+	r := newRecorder(NewCore(p, time.Minute, true))
+	r.step(EvStart{})
+	if got := len(r.published[PhaseStats]); got != len(p.Stats) {
+		t.Fatalf("published %d stats tasks, want %d", got, len(p.Stats))
+	}
+	if len(r.published[PhaseCache]) != 0 {
+		t.Fatal("cache tasks published before the patch was fitted")
+	}
+	for _, s := range p.Stats {
+		r.step(EvShardDone{Phase: PhaseStats, Shard: s.ID})
+	}
+	if r.fits != 1 || len(r.published[PhaseCache]) != len(p.Cache) {
+		t.Fatalf("fits %d, cache tasks %d", r.fits, len(r.published[PhaseCache]))
+	}
+	for _, s := range p.Cache {
+		r.step(EvShardDone{Phase: PhaseCache, Shard: s.ID})
+		r.step(EvShardDone{Phase: PhaseCache, Shard: s.ID}) // a duplicate is ignored
+	}
+	if !r.finished || r.students != 1 || r.failed != "" || r.core.Phase() != PhaseDone {
+		t.Fatalf("finished %v students %d failed %q phase %s", r.finished, r.students, r.failed, r.core.Phase())
+	}
+}
+
+func TestCoreDeadShardFails(t *testing.T) {
+	p := testPlan(t, 10, 10, 4)
+	r := newRecorder(NewCore(p, time.Minute, false))
+	r.step(EvStart{})
+	r.step(EvShardDead{Phase: PhaseStats, Shard: 1, Reason: "boom"})
+	if r.failed == "" {
+		t.Fatal("a dead shard did not fail the run")
+	}
+	r2 := newRecorder(NewCore(p, time.Minute, false))
+	r2.step(EvStart{Restored: r.restored()})
+	if r2.failed == "" {
+		t.Fatal("a restarted core forgot the dead shard")
+	}
+}
+
+func TestCoreLeases(t *testing.T) {
+	p := testPlan(t, 10, 10, 4)
+	c := NewCore(p, 10*time.Second, false)
+	r := newRecorder(c)
+	r.step(EvStart{})
+	t0 := time.Unix(1000, 0)
+	r.step(EvProgress{Phase: PhaseStats, Shard: 0, Teacher: "a", Tokens: 5, Now: t0})
+	if n := c.Counts(PhaseStats)[StatusLeased]; n != 1 {
+		t.Fatalf("leased = %d", n)
+	}
+	r.step(EvTick{Now: t0.Add(9 * time.Second)})
+	if n := c.Counts(PhaseStats)[StatusLeased]; n != 1 {
+		t.Fatalf("lease expired early")
+	}
+	r.step(EvTick{Now: t0.Add(10 * time.Second)})
+	if n := c.Counts(PhaseStats)[StatusLeased]; n != 0 {
+		t.Fatalf("lease did not expire")
+	}
+}
+
+// TestCoreRestartProperty drives random interleavings with restarts from the persisted
+// states: every shard completes, no completed shard is ever published again, the patch is
+// fitted before any cache task, and the run finishes.
+func TestCoreRestartProperty(t *testing.T) {
+	for seed := range uint64(200) {
+		rng := rand.New(rand.NewPCG(seed, 1))
+		p := testPlan(t, 1+rng.IntN(60), 2+rng.IntN(120), 1+rng.IntN(16))
+		r := newRecorder(NewCore(p, time.Minute, rng.IntN(2) == 0))
+		r.step(EvStart{})
+		doneBefore := map[string]bool{}
+		for steps := 0; !r.finished && steps < 10000; steps++ {
+			ph := r.core.Phase()
+			if rng.IntN(10) == 0 { // crash and restart
+				prev := r.persisted
+				r = newRecorder(NewCore(p, time.Minute, r.core.student))
+				r.persisted = prev
+				r.step(EvStart{Restored: r.restored()})
+				for ph, ids := range r.published {
+					for id := range ids {
+						if doneBefore[ShardKey(ph, id)] {
+							t.Fatalf("seed %d: restarted core republished completed %s shard %d", seed, ph, id)
+						}
+					}
+				}
+				continue
+			}
+			shards := p.Shards(ph)
+			if len(shards) == 0 {
+				continue
+			}
+			s := shards[rng.IntN(len(shards))]
+			if ph == PhaseCache && r.fits == 0 && len(r.published[PhaseCache]) > 0 && !doneBefore[ShardKey(PhaseStats, 0)] {
+				t.Fatalf("seed %d: cache tasks before the stats phase completed", seed)
+			}
+			r.step(EvShardDone{Phase: ph, Shard: s.ID})
+			doneBefore[ShardKey(ph, s.ID)] = true
+		}
+		if !r.finished {
+			t.Fatalf("seed %d: run did not finish", seed)
+		}
+		for _, ph := range []Phase{PhaseStats, PhaseCache} {
+			for _, s := range p.Shards(ph) {
+				if st := r.persisted[ShardKey(ph, s.ID)]; st.Status != StatusDone {
+					t.Fatalf("seed %d: %s shard %d ended %q", seed, ph, s.ID, st.Status)
+				}
+			}
+		}
+	}
+}
+
+func TestStatesOrder(t *testing.T) {
+	p := testPlan(t, 10, 10, 4)
+	c := NewCore(p, time.Minute, false)
+	var keys []string
+	for _, s := range c.States() {
+		keys = append(keys, s.Key())
+	}
+	want := []string{"shard.stats.000000", "shard.stats.000001", "shard.stats.000002",
+		"shard.cache.000000", "shard.cache.000001", "shard.cache.000002", "shard.cache.000003"}
+	if !reflect.DeepEqual(keys, want) {
+		t.Fatalf("States order %v, want %v", keys, want)
+	}
+}
