@@ -581,11 +581,17 @@ func channelFact(space string, target, source, patched []float64) string {
 	if nb == 0 {
 		return fmt.Sprintf("Reading (%s space): no channel has a positive magnitude on both sides of the cut.", space)
 	}
-	s := fmt.Sprintf("Reading (%s space): the mean |log(target/source)| per channel is %.4f (a typical channel is off by a factor %.3f)", space, before, math.Exp(before))
+	var s string
 	if samePatch(source, patched) {
-		s += "; there is no patch, so the patched state is the source."
+		s = fmt.Sprintf("Reading (%s space): mean |log(target/source)| per channel is %.4f (a typical channel is off by a factor %.3f); there is no patch, so the patched state is the source.",
+			space, before, math.Exp(before))
 	} else {
-		s += fmt.Sprintf("; after the patch the mean |log(target/patched)| is %.4f (factor %.3f), %s.", after, math.Exp(after), changeWord(before, after))
+		verb := "falls"
+		if !(after < before) {
+			verb = "goes"
+		}
+		s = fmt.Sprintf("Reading (%s space): mean |log(target/·)| per channel %s from %.4f without a patch (a typical channel off by a factor %.3f) to %.4f after the patch (factor %.3f), %s.",
+			space, verb, before, math.Exp(before), after, math.Exp(after), changeWord(before, after))
 	}
 	if worst >= 0 {
 		s += fmt.Sprintf(" The most mismatched channel before the patch is %d, target/source = %.3g", worst, target[worst]/source[worst])

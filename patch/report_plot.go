@@ -122,6 +122,7 @@ func cosinePlot(in *ReportInput) (*plot.Plot, error) {
 		l.Width = vg.Points(1)
 		p.Add(l)
 	}
+	rows := 0 // legend entries
 	add := func(pts plotter.XYs, label string, glyph draw.GlyphDrawer, col color.Color, r vg.Length) error {
 		if len(pts) == 0 {
 			return nil
@@ -133,6 +134,7 @@ func cosinePlot(in *ReportInput) (*plot.Plot, error) {
 		s.GlyphStyle = draw.GlyphStyle{Color: col, Radius: r, Shape: glyph}
 		p.Add(s)
 		p.Legend.Add(label, s)
+		rows++
 		return nil
 	}
 	if err := add(eligible, "candidate", draw.CircleGlyph{}, colPatched, vg.Points(3)); err != nil {
@@ -150,11 +152,9 @@ func cosinePlot(in *ReportInput) (*plot.Plot, error) {
 		for _, pt := range all {
 			lo, hi = math.Min(lo, pt.Y), math.Max(hi, pt.Y)
 		}
-		pad := math.Max((hi-lo)*0.08, 1e-3)
-		p.Y.Min, p.Y.Max = lo-pad, hi+pad
+		setYRange(p, lo, hi, false, rows)
 	}
-	p.Legend.Top = false
-	p.Legend.Left = false
+	p.Legend.Top = true
 	return p, nil
 }
 
@@ -163,9 +163,9 @@ func cosinePlot(in *ReportInput) (*plot.Plot, error) {
 // positive and finite are left out. When the patch is absent only target/source is drawn.
 func channelPlot(space string, target, source, patched []float64, patchedLabel string) (*plot.Plot, error) {
 	p := plot.New()
-	p.Title.Text = "Per-channel magnitude ratio at the cut, " + space + " space"
+	p.Title.Text = "Per-channel mean |target| / mean |input| at the cut, " + space + " space"
 	p.X.Label.Text = "channel"
-	p.Y.Label.Text = "mean |target| / mean |input| (1 = matched)"
+	p.Y.Label.Text = "magnitude ratio (1 = matched)"
 	p.X.Tick.Marker = intTicks{}
 	p.Add(plotter.NewGrid())
 
@@ -198,7 +198,7 @@ func channelPlot(space string, target, source, patched []float64, patchedLabel s
 			lo, hi = math.Min(lo, pt.Y), math.Max(hi, pt.Y)
 		}
 	}
-	r := vg.Points(1.6)
+	r, rows := vg.Points(1.6), 0
 	if len(target) <= 256 {
 		r = vg.Points(2.5)
 	}
@@ -213,6 +213,7 @@ func channelPlot(space string, target, source, patched []float64, patchedLabel s
 		sc.GlyphStyle = draw.GlyphStyle{Color: s.col, Radius: r, Shape: s.shape}
 		p.Add(sc)
 		p.Legend.Add(s.label, sc)
+		rows++
 	}
 	if lo <= hi {
 		lo, hi = math.Min(lo, 1), math.Max(hi, 1)
@@ -223,7 +224,7 @@ func channelPlot(space string, target, source, patched []float64, patchedLabel s
 		one.Color = colTarget
 		one.Dashes = []vg.Length{vg.Points(4), vg.Points(3)}
 		p.Add(one)
-		setYRange(p, lo, hi)
+		setYRange(p, lo, hi, true, rows)
 	}
 	p.X.Min, p.X.Max = -0.5, float64(len(target))-0.5
 	p.Legend.Top = true
@@ -234,9 +235,9 @@ func channelPlot(space string, target, source, patched []float64, patchedLabel s
 // window for target, source and patched, and rings the target's outlier tokens.
 func tokenPlot(prof *CutProfile, patchedLabel string) (*plot.Plot, error) {
 	p := plot.New()
-	p.Title.Text = fmt.Sprintf("Per-token magnitude at the cut [%d, %d), first window", prof.Start, prof.End)
+	p.Title.Text = fmt.Sprintf("Per-token mean |x| over channels at the cut [%d, %d), first window", prof.Start, prof.End)
 	p.X.Label.Text = "token position"
-	p.Y.Label.Text = "mean over channels of |x|"
+	p.Y.Label.Text = "token magnitude"
 	p.X.Tick.Marker = intTicks{}
 	p.Add(plotter.NewGrid())
 
@@ -265,6 +266,7 @@ func tokenPlot(prof *CutProfile, patchedLabel string) (*plot.Plot, error) {
 		}
 	}
 	logY := allPositive && lo > 0 && hi/lo > reportLogRange
+	rows := 0 // legend entries
 	for _, s := range ss {
 		var pts plotter.XYs
 		for t, v := range s.v {
@@ -284,6 +286,7 @@ func tokenPlot(prof *CutProfile, patchedLabel string) (*plot.Plot, error) {
 			sc.GlyphStyle = draw.GlyphStyle{Color: s.col, Radius: vg.Points(3), Shape: draw.CircleGlyph{}}
 			p.Add(sc)
 			p.Legend.Add(s.label, sc)
+			rows++
 			continue
 		}
 		l, err := plotter.NewLine(pts)
@@ -293,6 +296,7 @@ func tokenPlot(prof *CutProfile, patchedLabel string) (*plot.Plot, error) {
 		l.Color, l.Width, l.Dashes = s.col, vg.Points(1.2), s.dash
 		p.Add(l)
 		p.Legend.Add(s.label, l)
+		rows++
 	}
 	if out := outlierTokens(prof.TokTarget); len(out) > 0 {
 		pts := make(plotter.XYs, len(out))
@@ -306,27 +310,35 @@ func tokenPlot(prof *CutProfile, patchedLabel string) (*plot.Plot, error) {
 		sc.GlyphStyle = draw.GlyphStyle{Color: colSelected, Radius: vg.Points(5), Shape: draw.RingGlyph{}}
 		p.Add(sc)
 		p.Legend.Add(fmt.Sprintf("outlier token (≥ %.0f× median)", reportOutlierFactor), sc)
+		rows++
 	}
 	if lo <= hi {
-		setYRange(p, lo, hi)
+		setYRange(p, lo, hi, logY, rows)
 	}
 	p.X.Min, p.X.Max = -0.5, float64(len(prof.TokTarget))-0.5
 	p.Legend.Top = true
 	return p, nil
 }
 
-// setYRange sets the y axis to cover [lo, hi], in log scale when both are positive and
-// span more than reportLogRange.
-func setYRange(p *plot.Plot, lo, hi float64) {
-	if lo > 0 && hi/lo > reportLogRange {
+// setYRange sets the y axis to cover [lo, hi] — in log scale when logOK and both are
+// positive and span more than reportLogRange — with headroom at the top for a legend of
+// legendRows entries drawn inside the plot, so the legend does not cover the data.
+func setYRange(p *plot.Plot, lo, hi float64, logOK bool, legendRows int) {
+	room := math.Min(0.45, 0.08*float64(legendRows)) // share of the axis kept for the legend
+	if logOK && lo > 0 && hi/lo > reportLogRange {
 		p.Y.Scale = plot.LogScale{}
 		p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
-		p.Y.Min, p.Y.Max = lo/1.2, hi*1.2
+		// plot v0.17 centres the y label at the linear midpoint of the range, near the
+		// top of a log axis, and shrinks the data area to fit it: the title says it all.
+		p.Y.Label.Text = ""
+		a, b := math.Log(lo/1.2), math.Log(hi*1.2)
+		p.Y.Min, p.Y.Max = math.Exp(a), math.Exp(a+(b-a)/(1-room))
 		return
 	}
-	pad := math.Max((hi-lo)*0.08, math.Abs(hi)*1e-3+1e-12)
-	p.Y.Min, p.Y.Max = lo-pad, hi+pad
-	if lo >= 0 && p.Y.Min < 0 {
-		p.Y.Min = 0
+	pad := math.Max((hi-lo)*0.06, math.Abs(hi)*1e-3+1e-12)
+	a, b := lo-pad, hi+pad
+	if lo >= 0 && a < 0 {
+		a = 0
 	}
+	p.Y.Min, p.Y.Max = a, a+(b-a)/(1-room)
 }
