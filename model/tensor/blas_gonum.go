@@ -29,5 +29,10 @@ func gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int,
 // setBLASThreads is a no-op: gonum's Sgemm sizes its own goroutine pool from GOMAXPROCS.
 func setBLASThreads(int) {}
 
+// goSplitsGemm: gonum's Sgemm parallelizes itself.
+const goSplitsGemm = false
+
+func nativeBLASThreads(int) {}
+
 // blasThreads reports 1: gonum has no thread setting of its own.
 func blasThreads() int { return 1 }

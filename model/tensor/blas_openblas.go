@@ -32,8 +32,19 @@ func gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int,
 		(*C.float)(unsafe.Pointer(&c[0])), C.blasint(ldc))
 }
 
-// setBLASThreads sets OpenBLAS's (process-wide) thread count.
-func setBLASThreads(n int) { C.openblas_set_num_threads(C.int(n)) }
+// goSplitsGemm: OpenBLAS runs single-threaded and mulInto splits large products across
+// goroutines itself. Measured here, this matches OpenBLAS's own threading on large
+// products and avoids its pool's spinning (seconds of system time) on the many small
+// products of a small model, and it composes with the Go kernels' goroutines.
+const goSplitsGemm = true
+
+func init() { C.openblas_set_num_threads(1) }
+
+// setBLASThreads keeps OpenBLAS at one thread: the parallelism is the goroutines'.
+func setBLASThreads(int) { C.openblas_set_num_threads(1) }
+
+// nativeBLASThreads sets OpenBLAS's own (process-wide) thread count; for benchmarks only.
+func nativeBLASThreads(n int) { C.openblas_set_num_threads(C.int(n)) }
 
 // blasThreads returns OpenBLAS's current thread count.
 func blasThreads() int { return int(C.openblas_get_num_threads()) }
