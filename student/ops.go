@@ -36,6 +36,12 @@ type op struct {
 
 	wrt  []bool // differentiable inputs; nil for a backward op
 	diff func(in gorgonia.Nodes, out, grad *gorgonia.Node) (gorgonia.Nodes, error)
+
+	// out is the output of the previous run, reused when the shape matches. The tape
+	// machine forgets its registers on Reset, so without it every op would allocate (and
+	// zero) its output on every step. Each op is one node of one graph and runs once per
+	// run, so the previous output is dead by the time the op runs again.
+	out *tensor.Dense
 }
 
 var (
@@ -43,14 +49,14 @@ var (
 	_ gorgonia.UsePreallocDoer = (*op)(nil)
 )
 
-func (o *op) Arity() int                   { return o.arity }
-func (o *op) Type() hm.Type                { return o.typ }
-func (o *op) ReturnsPtr() bool             { return false }
-func (o *op) CallsExtern() bool            { return false }
-func (o *op) OverwritesInput() int         { return -1 }
-func (o *op) WriteHash(h hash.Hash)        { _, _ = io.WriteString(h, o.name) }
-func (o *op) String() string               { return o.name }
-func (o *op) DiffWRT(inputs int) []bool    { return o.wrt }
+func (o *op) Arity() int                { return o.arity }
+func (o *op) Type() hm.Type             { return o.typ }
+func (o *op) ReturnsPtr() bool          { return false }
+func (o *op) CallsExtern() bool         { return false }
+func (o *op) OverwritesInput() int      { return -1 }
+func (o *op) WriteHash(h hash.Hash)     { _, _ = io.WriteString(h, o.name) }
+func (o *op) String() string            { return o.name }
+func (o *op) DiffWRT(inputs int) []bool { return o.wrt }
 func (o *op) Hashcode() uint32 {
 	h := fnv.New32a()
 	o.WriteHash(h)
@@ -101,8 +107,12 @@ func (o *op) Do(in ...gorgonia.Value) (gorgonia.Value, error) {
 		}
 		return gorgonia.NewF32(out[0]), nil
 	}
-	t := tensor.New(tensor.Of(tensor.Float32), tensor.WithShape(s...))
-	if err := o.safeRun(t.Float32s(), in); err != nil {
+	t := o.out
+	if t == nil || !t.Shape().Eq(s) {
+		t = tensor.New(tensor.Of(tensor.Float32), tensor.WithShape(s...))
+		o.out = t
+	}
+	if err := o.safeRun(t.Float32s()[:s.TotalSize()], in); err != nil {
 		return nil, err
 	}
 	return t, nil

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -89,14 +88,15 @@ func runBench(cmd *cobra.Command, _ []string) error {
 		ForwardMillis: float64(per.Microseconds()) / 1e3,
 	}
 	res.RatioToSgemm = res.ForwardGFLOPS / res.SgemmGFLOPS
-	fmt.Printf("backend %s, %d threads\n", res.Backend, res.Threads)
-	fmt.Printf("model: d=%d, %d layers, ffn %d, vocab %d, %d heads, %d kv-heads; %d×%d tokens per forward\n",
+	w := cmd.OutOrStdout()
+	fmt.Fprintf(w, "backend %s, %d threads\n", res.Backend, res.Threads)
+	fmt.Fprintf(w, "model: d=%d, %d layers, ffn %d, vocab %d, %d heads, %d kv-heads; %d×%d tokens per forward\n",
 		cfg.Dim, cfg.Layers, cfg.FFN, cfg.Vocab, cfg.Heads, cfg.KVHeads, B, T)
-	fmt.Printf("sgemm 1024³:     %8.1f GFLOP/s\n", res.SgemmGFLOPS)
-	fmt.Printf("engine forward:  %8.1f GFLOP/s  %9.0f tokens/s  %7.1f ms per forward\n", res.ForwardGFLOPS, res.TokensPerSec, res.ForwardMillis)
-	fmt.Printf("ratio to sgemm:  %8.2f\n", res.RatioToSgemm)
+	fmt.Fprintf(w, "sgemm 1024³:     %8.1f GFLOP/s\n", res.SgemmGFLOPS)
+	fmt.Fprintf(w, "engine forward:  %8.1f GFLOP/s  %9.0f tokens/s  %7.1f ms per forward\n", res.ForwardGFLOPS, res.TokensPerSec, res.ForwardMillis)
+	fmt.Fprintf(w, "ratio to sgemm:  %8.2f\n", res.RatioToSgemm)
 	if s.flag("json") {
-		return json.NewEncoder(os.Stdout).Encode(res)
+		return json.NewEncoder(cmd.OutOrStdout()).Encode(res)
 	}
 	return nil
 }

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 
 	"github.com/spf13/cobra"
 
@@ -52,9 +51,9 @@ func runEval(cmd *cobra.Command, _ []string) error {
 		return err
 	}
 	if s.flag("json") {
-		return json.NewEncoder(os.Stdout).Encode(res)
+		return json.NewEncoder(cmd.OutOrStdout()).Encode(res)
 	}
-	fmt.Printf("perplexity %.4f  (mean NLL %.5f nats over %d predictions in %d windows of %d tokens)\n",
+	fmt.Fprintf(cmd.OutOrStdout(), "perplexity %.4f  (mean NLL %.5f nats over %d predictions in %d windows of %d tokens)\n",
 		res.PPL, res.NLL, res.Tokens, res.Windows, s.num("seq-len"))
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"strings"
@@ -314,9 +315,9 @@ func runPrune(cmd *cobra.Command, _ []string) error {
 		res.Report = spec.report
 	}
 	res.Seconds = time.Since(began).Seconds()
-	printPruneTable(res, scores)
+	printPruneTable(cmd.OutOrStdout(), res, scores)
 	if spec.json {
-		return json.NewEncoder(os.Stdout).Encode(res)
+		return json.NewEncoder(cmd.OutOrStdout()).Encode(res)
 	}
 	return nil
 }
@@ -332,28 +333,28 @@ func without(ms []patch.Method, drop patch.Method) []patch.Method {
 }
 
 // printPruneTable prints the selection and, with scores, the comparison as Markdown.
-func printPruneTable(res pruneResult, scores map[string]patch.Score) {
-	fmt.Printf("pruned block [%d, %d) (mean cosine %.6f); method %s (%s); written to %s\n\n",
+func printPruneTable(w io.Writer, res pruneResult, scores map[string]patch.Score) {
+	fmt.Fprintf(w, "pruned block [%d, %d) (mean cosine %.6f); method %s (%s); written to %s\n\n",
 		res.Start, res.End, res.Cosine[res.Start], res.Method, res.Selected, res.Out)
-	fmt.Println("| start | cosine |")
-	fmt.Println("|---:|---:|")
+	fmt.Fprintln(w, "| start | cosine |")
+	fmt.Fprintln(w, "|---:|---:|")
 	for i, c := range res.Cosine {
 		mark := ""
 		if i == res.Start {
 			mark = " ←"
 		}
-		fmt.Printf("| %d | %.6f%s |\n", i, c, mark)
+		fmt.Fprintf(w, "| %d | %.6f%s |\n", i, c, mark)
 	}
 	if scores == nil {
 		return
 	}
 	dense := scores[patch.DenseName].PPL
-	fmt.Println()
-	fmt.Println("| model | perplexity | vs dense | KL to dense | top-1 agreement |")
-	fmt.Println("|---|---:|---:|---:|---:|")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| model | perplexity | vs dense | KL to dense | top-1 agreement |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|---:|")
 	for _, n := range patch.SortedNames(scores) {
 		sc := scores[n]
-		fmt.Printf("| %s | %.4f | %+.2f%% | %.5f | %.2f%% |\n", n, sc.PPL, 100*(sc.PPL/dense-1), sc.KL, 100*sc.Top1)
+		fmt.Fprintf(w, "| %s | %.4f | %+.2f%% | %.5f | %.2f%% |\n", n, sc.PPL, 100*(sc.PPL/dense-1), sc.KL, 100*sc.Top1)
 	}
-	fmt.Println()
+	fmt.Fprintln(w)
 }

@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"encoding/json"
-	"os"
 
 	"github.com/spf13/cobra"
 
@@ -31,7 +30,7 @@ one JSON Lines record {"input_ids": [...]}, which eval, prune and run accept as 
 			if err != nil {
 				return err
 			}
-			w := bufio.NewWriter(os.Stdout)
+			w := bufio.NewWriter(cmd.OutOrStdout())
 			if err := json.NewEncoder(w).Encode(struct {
 				InputIDs []int `json:"input_ids"`
 			}{ids}); err != nil {

@@ -1,0 +1,619 @@
+package shards
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/apache/arrow/go/v17/arrow"
+
+	"linearpatch/patch"
+)
+
+// Calibration statistics (patch.Stats) travel as two kinds of records, each message a
+// self-contained Arrow IPC stream whose schema metadata carries the Meta (Start = End = −1
+// by convention) and the Stats' shape:
+//
+//	stats.windows: one row per (window, layer l = 0..L)
+//	stats.gram:    one row per (start, block of rows of the d×d Gram sums)
+//
+// Floats are float64 columns, so a Stats survives bit-exactly.
+
+// Statistics metadata keys.
+const (
+	keyStatsLayers   = "linearpatch.stats.layers"
+	keyStatsNumPrune = "linearpatch.stats.num_prune"
+	keyStatsSeqLen   = "linearpatch.stats.seq_len"
+	keyStatsWindows  = "linearpatch.stats.windows"     // number of windows in the Stats
+	keyStatsStarts   = "linearpatch.stats.gram_starts" // comma-separated Gram starts, ascending
+)
+
+const (
+	colLayer      = "layer"
+	colTokens     = "tokens"
+	colCosSum     = "cos_sum"
+	colAbsMean    = "abs_mean"
+	colRotAbsMean = "rot_abs_mean"
+	colStart      = "start"
+	colRowLo      = "row_lo"
+	colXtX        = "xtx"
+	colXtY        = "xty"
+)
+
+// statsShape is the shape of a Stats as carried in metadata.
+type statsShape struct {
+	layers, numPrune, seqLen, windows int
+	starts                            []int
+}
+
+func (s statsShape) metadata() []string {
+	starts := make([]string, len(s.starts))
+	for i, v := range s.starts {
+		starts[i] = strconv.Itoa(v)
+	}
+	return []string{
+		keyStatsLayers, strconv.Itoa(s.layers), keyStatsNumPrune, strconv.Itoa(s.numPrune),
+		keyStatsSeqLen, strconv.Itoa(s.seqLen), keyStatsWindows, strconv.Itoa(s.windows),
+		keyStatsStarts, strings.Join(starts, ","),
+	}
+}
+
+func (s statsShape) equal(o statsShape) bool {
+	return s.layers == o.layers && s.numPrune == o.numPrune && s.seqLen == o.seqLen && s.windows == o.windows && slices.Equal(s.starts, o.starts)
+}
+
+func shapeFrom(md arrow.Metadata, dim int) (statsShape, error) {
+	var s statsShape
+	get := func(k string) (string, error) {
+		if i := md.FindKey(k); i >= 0 {
+			return md.Values()[i], nil
+		}
+		return "", fmt.Errorf("%w: statistics metadata lacks %s", ErrCorrupt, k)
+	}
+	for _, f := range []struct {
+		key string
+		dst *int
+	}{{keyStatsLayers, &s.layers}, {keyStatsNumPrune, &s.numPrune}, {keyStatsSeqLen, &s.seqLen}, {keyStatsWindows, &s.windows}} {
+		v, err := get(f.key)
+		if err != nil {
+			return s, err
+		}
+		if *f.dst, err = strconv.Atoi(v); err != nil {
+			return s, fmt.Errorf("%w: statistics metadata %s = %q", ErrCorrupt, f.key, v)
+		}
+	}
+	v, err := get(keyStatsStarts)
+	if err != nil {
+		return s, err
+	}
+	if s.layers < 1 || s.numPrune < 1 || s.numPrune > s.layers || s.seqLen < 1 || s.windows < 0 || dim < 1 {
+		return s, fmt.Errorf("%w: statistics shape (layers %d, num_prune %d, seq_len %d, windows %d)", ErrCorrupt, s.layers, s.numPrune, s.seqLen, s.windows)
+	}
+	if v != "" {
+		for _, p := range strings.Split(v, ",") {
+			i, err := strconv.Atoi(p)
+			if err != nil || i < 0 || i > s.layers-s.numPrune || (len(s.starts) > 0 && i <= s.starts[len(s.starts)-1]) {
+				return s, fmt.Errorf("%w: statistics metadata %s = %q", ErrCorrupt, keyStatsStarts, v)
+			}
+			s.starts = append(s.starts, i)
+		}
+	}
+	return s, nil
+}
+
+func statsWindowSchema(m Meta, extra []string) *arrow.Schema {
+	md := m.metadata(kindStatsWindows, extra...)
+	return arrow.NewSchema([]arrow.Field{
+		{Name: colWindow, Type: arrow.PrimitiveTypes.Int64},
+		{Name: colTokens, Type: arrow.PrimitiveTypes.Int64},
+		{Name: colLayer, Type: arrow.PrimitiveTypes.Int32},
+		{Name: colCosSum, Type: arrow.PrimitiveTypes.Float64, Nullable: true}, // null for l > L−n
+		{Name: colAbsMean, Type: fslOf(m.Dim, arrow.PrimitiveTypes.Float64)},
+		{Name: colRotAbsMean, Type: fslOf(m.Dim, arrow.PrimitiveTypes.Float64)},
+	}, &md)
+}
+
+func statsGramSchema(m Meta, extra []string) *arrow.Schema {
+	md := m.metadata(kindStatsGram, extra...)
+	return arrow.NewSchema([]arrow.Field{
+		{Name: colStart, Type: arrow.PrimitiveTypes.Int32},
+		{Name: colTokens, Type: arrow.PrimitiveTypes.Int64},
+		{Name: colRowLo, Type: arrow.PrimitiveTypes.Int32},
+		{Name: colXtX, Type: listOf(fslOf(m.Dim, arrow.PrimitiveTypes.Float64))},
+		{Name: colXtY, Type: listOf(fslOf(m.Dim, arrow.PrimitiveTypes.Float64))},
+	}, &md)
+}
+
+// windowRow is one (window, layer) row.
+type windowRow struct {
+	window, tokens, layer int
+	cos                   float64
+	hasCos                bool
+	abs, rot              []float64
+}
+
+// gramRow is one block of rows [rowLo, rowLo+len/d) of start's Gram sums.
+type gramRow struct {
+	start, rowLo int
+	tokens       int64
+	xtx, xty     []float64
+}
+
+func putF64s(dst []byte, v []float64) {
+	for i, x := range v {
+		binary.LittleEndian.PutUint64(dst[8*i:], math.Float64bits(x))
+	}
+}
+
+func getF64s(src []byte, n int) []float64 {
+	out := make([]float64, n)
+	for i := range out {
+		out[i] = math.Float64frombits(binary.LittleEndian.Uint64(src[8*i:]))
+	}
+	return out
+}
+
+func windowRecord(schema *arrow.Schema, d int, rows []windowRow) arrow.Record {
+	R := len(rows)
+	win, tok, lay := make([]byte, 8*R), make([]byte, 8*R), make([]byte, 4*R)
+	cos, valid := make([]byte, 8*R), make([]byte, (R+7)/8)
+	abs, rot := make([]byte, 8*d*R), make([]byte, 8*d*R)
+	nulls := 0
+	for r, w := range rows {
+		binary.LittleEndian.PutUint64(win[8*r:], uint64(w.window))
+		binary.LittleEndian.PutUint64(tok[8*r:], uint64(w.tokens))
+		binary.LittleEndian.PutUint32(lay[4*r:], uint32(w.layer))
+		if w.hasCos {
+			valid[r/8] |= 1 << (r % 8)
+			binary.LittleEndian.PutUint64(cos[8*r:], math.Float64bits(w.cos))
+		} else {
+			nulls++
+		}
+		putF64s(abs[8*d*r:], w.abs)
+		putF64s(rot[8*d*r:], w.rot)
+	}
+	f := schema.Fields()
+	return newRecord(schema, []arrow.ArrayData{
+		primData(f[0].Type, R, win), primData(f[1].Type, R, tok), primData(f[2].Type, R, lay),
+		nullablePrimData(f[3].Type, R, valid, nulls, cos),
+		nestedData(f[4].Type, R, nil, abs), nestedData(f[5].Type, R, nil, rot),
+	}, R)
+}
+
+func gramRecord(schema *arrow.Schema, d int, g gramRow) arrow.Record {
+	n := len(g.xtx) / d
+	start, tok, lo := make([]byte, 4), make([]byte, 8), make([]byte, 4)
+	binary.LittleEndian.PutUint32(start, uint32(g.start))
+	binary.LittleEndian.PutUint64(tok, uint64(g.tokens))
+	binary.LittleEndian.PutUint32(lo, uint32(g.rowLo))
+	xtx, xty := make([]byte, 8*len(g.xtx)), make([]byte, 8*len(g.xty))
+	putF64s(xtx, g.xtx)
+	putF64s(xty, g.xty)
+	f := schema.Fields()
+	offs := []int32{0, int32(n)}
+	return newRecord(schema, []arrow.ArrayData{
+		primData(f[0].Type, 1, start), primData(f[1].Type, 1, tok), primData(f[2].Type, 1, lo),
+		nestedData(f[3].Type, 1, offs, xtx), nestedData(f[4].Type, 1, offs, xty),
+	}, 1)
+}
+
+func encodeRecord(schema *arrow.Schema, rec arrow.Record) ([]byte, error) {
+	defer rec.Release()
+	return writeStream(schema, 4096, rec)
+}
+
+// EncodeStats encodes st as one or more self-contained Arrow IPC messages, each at most
+// maxPayload − HeaderMargin bytes: stats.windows messages of (window, layer) rows (at least
+// one message, even for no windows), then for each Gram start in ascending order
+// stats.gram messages of row blocks. meta must pass Validate and have Dim = st.Dim (use
+// Start = End = −1). Errors wrap ErrInvalid (an invalid meta or st) or ErrPayload (one
+// layer row, 2·Dim float64s, or one Gram row does not fit).
+func EncodeStats(meta Meta, st *patch.Stats, maxPayload int) ([][]byte, error) {
+	if err := meta.Validate(); err != nil {
+		return nil, err
+	}
+	if err := st.Validate(); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	if st.Dim != meta.Dim {
+		return nil, fmt.Errorf("%w: statistics of width %d, meta %d", ErrInvalid, st.Dim, meta.Dim)
+	}
+	meta.SchemaVersion = SchemaVersion
+	d, L, n := st.Dim, st.Layers, st.NumPrune
+	shape := statsShape{layers: L, numPrune: n, seqLen: st.SeqLen, windows: len(st.Windows)}
+	for i := range st.Gram {
+		shape.starts = append(shape.starts, i)
+	}
+	slices.Sort(shape.starts)
+	extra := shape.metadata()
+	budget := maxPayload - HeaderMargin
+
+	// Windows: rowsPer rows per message, sized from an empty message.
+	ws := statsWindowSchema(meta, extra)
+	empty, err := encodeRecord(ws, windowRecord(ws, d, nil))
+	if err != nil {
+		return nil, err
+	}
+	rowBytes := 8 + 8 + 4 + 8 + 1 + 2*8*d
+	rowsPer := (budget - len(empty) - 16*len(ws.Fields())) / rowBytes
+	if rowsPer < 1 {
+		return nil, fmt.Errorf("%w: %d bytes for a statistics row of width %d (max payload %d, header margin %d)", ErrPayload, rowBytes, d, maxPayload, HeaderMargin)
+	}
+	var rows []windowRow
+	for _, w := range st.Windows {
+		for l := 0; l <= L; l++ {
+			r := windowRow{window: w.Index, tokens: w.Tokens, layer: l, abs: w.AbsMean[l], rot: w.RotAbsMean[l]}
+			if l <= L-n {
+				r.cos, r.hasCos = w.CosSum[l], true
+			}
+			rows = append(rows, r)
+		}
+	}
+	var msgs [][]byte
+	for lo := 0; lo == 0 || lo < len(rows); lo += rowsPer {
+		b, err := encodeRecord(ws, windowRecord(ws, d, rows[lo:min(lo+rowsPer, len(rows))]))
+		if err != nil {
+			return nil, err
+		}
+		msgs = append(msgs, b)
+	}
+
+	// Gram sums: one row of blockRows matrix rows per message.
+	if len(shape.starts) == 0 {
+		return msgs, nil
+	}
+	gs := statsGramSchema(meta, extra)
+	empty, err = encodeRecord(gs, gramRecord(gs, d, gramRow{}))
+	if err != nil {
+		return nil, err
+	}
+	blockRows := (budget - len(empty) - 16*len(gs.Fields())) / (2 * 8 * d)
+	if blockRows < 1 {
+		return nil, fmt.Errorf("%w: %d bytes for a Gram row of width %d (max payload %d, header margin %d)", ErrPayload, 2*8*d, d, maxPayload, HeaderMargin)
+	}
+	for _, i := range shape.starts {
+		g := st.Gram[i]
+		for lo := 0; lo < d; lo += blockRows {
+			hi := min(d, lo+blockRows)
+			b, err := encodeRecord(gs, gramRecord(gs, d, gramRow{start: i, rowLo: lo, tokens: g.Tokens, xtx: g.XtX[lo*d : hi*d], xty: g.XtY[lo*d : hi*d]}))
+			if err != nil {
+				return nil, err
+			}
+			msgs = append(msgs, b)
+		}
+	}
+	return msgs, nil
+}
+
+// DecodeStats reassembles the Stats of the messages of one EncodeStats call, in any order
+// (a message given twice is harmless). Errors as StatsAssembler.Add and Stats.
+func DecodeStats(msgs [][]byte, want Meta) (*patch.Stats, error) {
+	a := NewStatsAssembler(want)
+	for i, m := range msgs {
+		if err := a.Add(m); err != nil {
+			return nil, fmt.Errorf("statistics message %d: %w", i, err)
+		}
+	}
+	return a.Stats()
+}
+
+// StatsAssembler collects the messages of one EncodeStats call, arriving in any order and
+// possibly more than once, into a patch.Stats. It is not safe for concurrent use.
+type StatsAssembler struct {
+	want   Meta
+	shape  *statsShape
+	wins   map[int]*windowAcc
+	gram   map[int]*gramAcc
+	filled int // window layers and Gram rows received
+}
+
+type windowAcc struct {
+	tokens   int
+	cos      []float64
+	abs, rot [][]float64
+}
+
+type gramAcc struct {
+	tokens   int64
+	xtx, xty []float64
+	have     []bool
+}
+
+// NewStatsAssembler returns an assembler of statistics messages whose Meta must equal want.
+func NewStatsAssembler(want Meta) *StatsAssembler {
+	return &StatsAssembler{want: want, wins: map[int]*windowAcc{}, gram: map[int]*gramAcc{}}
+}
+
+// Add decodes msg and takes in its rows; a row already held is ignored when bit-identical.
+// On error the assembler is unchanged. Errors wrap ErrVersion, ErrForeign, ErrCorrupt (bad
+// bytes, a shape differing from earlier messages, a row outside the shape, more windows
+// than announced, or a row that conflicts with one already held) or ErrInvalid (want).
+func (a *StatsAssembler) Add(msg []byte) (err error) {
+	if err := a.want.Validate(); err != nil {
+		return err
+	}
+	defer recoverCorrupt(&err)
+	rd, err := openStream(msg)
+	if err != nil {
+		return err
+	}
+	defer rd.Release()
+	_, kind, err := metaFrom(rd.Schema().Metadata())
+	if err != nil {
+		return err
+	}
+	if kind != kindStatsGram {
+		kind = kindStatsWindows // anything else is checked (and rejected) as a windows message
+	}
+	meta, err := checkSchema(rd.Schema(), a.want, kind)
+	if err != nil {
+		return err
+	}
+	shape, err := shapeFrom(rd.Schema().Metadata(), meta.Dim)
+	if err != nil {
+		return err
+	}
+	if a.shape != nil && !a.shape.equal(shape) {
+		return fmt.Errorf("%w: statistics shape %+v differs from earlier messages' %+v", ErrCorrupt, shape, *a.shape)
+	}
+	var wrows []windowRow
+	var grows []gramRow
+	err = readAllRecords(rd, func(rec arrow.Record) error {
+		var err error
+		if kind == kindStatsWindows {
+			wrows, err = decodeWindowRows(rec, meta.Dim, shape, wrows)
+		} else {
+			grows, err = decodeGramRows(rec, meta.Dim, shape, grows)
+		}
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return a.apply(shape, meta.Dim, wrows, grows)
+}
+
+func decodeWindowRows(rec arrow.Record, d int, s statsShape, out []windowRow) ([]windowRow, error) {
+	R := int(rec.NumRows())
+	var sc [4][]byte
+	widths := [4]int{8, 8, 4, 8}
+	for i := range sc {
+		c := rec.Column(i).Data()
+		if c.Len() != R {
+			return nil, fmt.Errorf("%w: column %s has %d rows, the record %d", ErrCorrupt, rec.ColumnName(i), c.Len(), R)
+		}
+		var err error
+		if i == 3 {
+			sc[i], err = valueBytes(colCosSum, c, 8)
+		} else {
+			sc[i], err = colValues(rec.ColumnName(i), c, widths[i])
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	valid, err := validBits(colCosSum, rec.Column(3).Data())
+	if err != nil {
+		return nil, err
+	}
+	var vecs [2][]byte
+	for i := range vecs {
+		c := rec.Column(4 + i).Data()
+		if c.Len() != R {
+			return nil, fmt.Errorf("%w: column %s has %d rows, the record %d", ErrCorrupt, rec.ColumnName(4+i), c.Len(), R)
+		}
+		if _, vecs[i], err = nestedValues(rec.ColumnName(4+i), c, 8); err != nil {
+			return nil, err
+		}
+	}
+	for r := range R {
+		w := windowRow{
+			window: int(int64(binary.LittleEndian.Uint64(sc[0][8*r:]))),
+			tokens: int(int64(binary.LittleEndian.Uint64(sc[1][8*r:]))),
+			layer:  int(int32(binary.LittleEndian.Uint32(sc[2][4*r:]))),
+			hasCos: valid == nil || valid[r],
+		}
+		if w.window < 0 || w.tokens < 1 || w.layer < 0 || w.layer > s.layers || w.hasCos != (w.layer <= s.layers-s.numPrune) {
+			return nil, fmt.Errorf("%w: statistics row %d: window %d, %d tokens, layer %d (cosine present %v) outside the shape", ErrCorrupt, r, w.window, w.tokens, w.layer, w.hasCos)
+		}
+		if w.hasCos {
+			w.cos = math.Float64frombits(binary.LittleEndian.Uint64(sc[3][8*r:]))
+		}
+		w.abs = getF64s(vecs[0][8*d*r:], d)
+		w.rot = getF64s(vecs[1][8*d*r:], d)
+		out = append(out, w)
+	}
+	return out, nil
+}
+
+func decodeGramRows(rec arrow.Record, d int, s statsShape, out []gramRow) ([]gramRow, error) {
+	R := int(rec.NumRows())
+	var sc [3][]byte
+	widths := [3]int{4, 8, 4}
+	for i := range sc {
+		c := rec.Column(i).Data()
+		if c.Len() != R {
+			return nil, fmt.Errorf("%w: column %s has %d rows, the record %d", ErrCorrupt, rec.ColumnName(i), c.Len(), R)
+		}
+		var err error
+		if sc[i], err = colValues(rec.ColumnName(i), c, widths[i]); err != nil {
+			return nil, err
+		}
+	}
+	var offs [2][]int
+	var vals [2][]byte
+	for i := range 2 {
+		c := rec.Column(3 + i).Data()
+		if c.Len() != R {
+			return nil, fmt.Errorf("%w: column %s has %d rows, the record %d", ErrCorrupt, rec.ColumnName(3+i), c.Len(), R)
+		}
+		var err error
+		if offs[i], vals[i], err = nestedValues(rec.ColumnName(3+i), c, 8); err != nil {
+			return nil, err
+		}
+	}
+	for r := range R {
+		g := gramRow{
+			start:  int(int32(binary.LittleEndian.Uint32(sc[0][4*r:]))),
+			tokens: int64(binary.LittleEndian.Uint64(sc[1][8*r:])),
+			rowLo:  int(int32(binary.LittleEndian.Uint32(sc[2][4*r:]))),
+		}
+		lo, hi := offs[0][r], offs[0][r+1]
+		if offs[1][r] != lo || offs[1][r+1] != hi {
+			return nil, fmt.Errorf("%w: Gram row %d: xtx and xty blocks differ in size", ErrCorrupt, r)
+		}
+		if !slices.Contains(s.starts, g.start) || g.tokens < 0 || g.rowLo < 0 || hi-lo < 1 || g.rowLo+(hi-lo) > d {
+			return nil, fmt.Errorf("%w: Gram row %d: start %d, rows [%d, %d) outside the shape", ErrCorrupt, r, g.start, g.rowLo, g.rowLo+hi-lo)
+		}
+		g.xtx = getF64s(vals[0][8*d*lo:], d*(hi-lo))
+		g.xty = getF64s(vals[1][8*d*lo:], d*(hi-lo))
+		out = append(out, g)
+	}
+	return out, nil
+}
+
+// sameBits reports whether a and b hold the same float64 bit patterns.
+func sameBits(a, b []float64) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if math.Float64bits(a[i]) != math.Float64bits(b[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// apply checks the decoded rows against what a holds, then takes them in.
+func (a *StatsAssembler) apply(s statsShape, d int, wrows []windowRow, grows []gramRow) error {
+	newWins := map[int]bool{}
+	for _, w := range wrows {
+		acc := a.wins[w.window]
+		if acc == nil {
+			if !newWins[w.window] && len(a.wins)+len(newWins) >= s.windows {
+				return fmt.Errorf("%w: window %d beyond the %d windows announced", ErrCorrupt, w.window, s.windows)
+			}
+			newWins[w.window] = true
+			continue
+		}
+		if acc.tokens != w.tokens {
+			return fmt.Errorf("%w: window %d has %d tokens, earlier %d", ErrCorrupt, w.window, w.tokens, acc.tokens)
+		}
+		if held := acc.abs[w.layer]; held != nil && (!sameBits(held, w.abs) || !sameBits(acc.rot[w.layer], w.rot) ||
+			(w.hasCos && math.Float64bits(acc.cos[w.layer]) != math.Float64bits(w.cos))) {
+			return fmt.Errorf("%w: window %d layer %d received twice with different values", ErrCorrupt, w.window, w.layer)
+		}
+	}
+	for _, g := range grows {
+		acc := a.gram[g.start]
+		if acc == nil {
+			continue
+		}
+		if acc.tokens != g.tokens {
+			return fmt.Errorf("%w: Gram sums of start %d cover %d tokens, earlier %d", ErrCorrupt, g.start, g.tokens, acc.tokens)
+		}
+		n := len(g.xtx) / d
+		for r := range n {
+			if acc.have[g.rowLo+r] && (!sameBits(acc.xtx[(g.rowLo+r)*d:(g.rowLo+r+1)*d], g.xtx[r*d:(r+1)*d]) ||
+				!sameBits(acc.xty[(g.rowLo+r)*d:(g.rowLo+r+1)*d], g.xty[r*d:(r+1)*d])) {
+				return fmt.Errorf("%w: Gram row %d of start %d received twice with different values", ErrCorrupt, g.rowLo+r, g.start)
+			}
+		}
+	}
+	// Everything checks: take it in. Rows within this message may still repeat or conflict
+	// with each other; the first is kept and a conflicting later one is an error, found
+	// below before anything is kept... so check within-message conflicts against a staged copy.
+	if a.shape == nil {
+		a.shape = &s
+	}
+	L, n := s.layers, s.numPrune
+	for _, w := range wrows {
+		acc := a.wins[w.window]
+		if acc == nil {
+			acc = &windowAcc{tokens: w.tokens, cos: make([]float64, L-n+1), abs: make([][]float64, L+1), rot: make([][]float64, L+1)}
+			a.wins[w.window] = acc
+		}
+		if acc.abs[w.layer] != nil {
+			continue
+		}
+		acc.abs[w.layer], acc.rot[w.layer] = w.abs, w.rot
+		if w.hasCos {
+			acc.cos[w.layer] = w.cos
+		}
+		a.filled++
+	}
+	for _, g := range grows {
+		acc := a.gram[g.start]
+		if acc == nil {
+			acc = &gramAcc{tokens: g.tokens, xtx: make([]float64, d*d), xty: make([]float64, d*d), have: make([]bool, d)}
+			a.gram[g.start] = acc
+		}
+		for r := range len(g.xtx) / d {
+			if acc.have[g.rowLo+r] {
+				continue
+			}
+			acc.have[g.rowLo+r] = true
+			copy(acc.xtx[(g.rowLo+r)*d:], g.xtx[r*d:(r+1)*d])
+			copy(acc.xty[(g.rowLo+r)*d:], g.xty[r*d:(r+1)*d])
+			a.filled++
+		}
+	}
+	return nil
+}
+
+// Complete reports whether every row of the announced windows and Gram sums has arrived.
+func (a *StatsAssembler) Complete() bool {
+	if a.shape == nil {
+		return false
+	}
+	return a.filled == a.shape.windows*(a.shape.layers+1)+len(a.shape.starts)*a.want.Dim
+}
+
+// Stats returns the assembled statistics (sharing no memory with later Adds), checked by
+// patch.Stats.Validate. Errors wrap ErrCorrupt when rows are missing or the result is
+// malformed.
+func (a *StatsAssembler) Stats() (*patch.Stats, error) {
+	if a.shape == nil {
+		return nil, fmt.Errorf("%w: no statistics messages", ErrCorrupt)
+	}
+	if !a.Complete() {
+		return nil, fmt.Errorf("%w: statistics incomplete: %d of %d rows", ErrCorrupt, a.filled, a.shape.windows*(a.shape.layers+1)+len(a.shape.starts)*a.want.Dim)
+	}
+	s := a.shape
+	st := patch.NewStats(s.layers, a.want.Dim, s.numPrune, s.seqLen)
+	idx := make([]int, 0, len(a.wins))
+	for i := range a.wins {
+		idx = append(idx, i)
+	}
+	slices.Sort(idx)
+	for _, i := range idx {
+		w := a.wins[i]
+		st.Windows = append(st.Windows, patch.WindowStats{
+			Index: i, Tokens: w.tokens, CosSum: slices.Clone(w.cos),
+			AbsMean: cloneRows(w.abs), RotAbsMean: cloneRows(w.rot),
+		})
+	}
+	if len(s.starts) > 0 {
+		st.Gram = make(map[int]*patch.GramSum, len(s.starts))
+		for _, i := range s.starts {
+			g := a.gram[i]
+			st.Gram[i] = &patch.GramSum{Start: i, Tokens: g.tokens, XtX: slices.Clone(g.xtx), XtY: slices.Clone(g.xty)}
+		}
+	}
+	if err := st.Validate(); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	return st, nil
+}
+
+func cloneRows(r [][]float64) [][]float64 {
+	out := make([][]float64, len(r))
+	for i := range r {
+		out[i] = slices.Clone(r[i])
+	}
+	return out
+}
