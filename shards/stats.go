@@ -488,45 +488,76 @@ func sameBits(a, b []float64) bool {
 	return true
 }
 
-// apply checks the decoded rows against what a holds, then takes them in.
+// apply checks the decoded rows against what a holds and against each other, then takes
+// them in: a row held already (or repeated in the message) is skipped when bit-identical.
 func (a *StatsAssembler) apply(s statsShape, d int, wrows []windowRow, grows []gramRow) error {
-	newWins := map[int]bool{}
-	for _, w := range wrows {
-		acc := a.wins[w.window]
-		if acc == nil {
-			if !newWins[w.window] && len(a.wins)+len(newWins) >= s.windows {
-				return fmt.Errorf("%w: window %d beyond the %d windows announced", ErrCorrupt, w.window, s.windows)
+	type key struct{ a, b int }
+	seenW := map[key]*windowRow{}
+	winTokens := map[int]int{}
+	for i := range wrows {
+		w := &wrows[i]
+		t, ok := winTokens[w.window]
+		if !ok {
+			t = w.tokens
+			if held := a.wins[w.window]; held != nil {
+				t = held.tokens
 			}
-			newWins[w.window] = true
-			continue
+			winTokens[w.window] = t
 		}
-		if acc.tokens != w.tokens {
-			return fmt.Errorf("%w: window %d has %d tokens, earlier %d", ErrCorrupt, w.window, w.tokens, acc.tokens)
+		if t != w.tokens {
+			return fmt.Errorf("%w: window %d has %d tokens, elsewhere %d", ErrCorrupt, w.window, w.tokens, t)
 		}
-		if held := acc.abs[w.layer]; held != nil && (!sameBits(held, w.abs) || !sameBits(acc.rot[w.layer], w.rot) ||
-			(w.hasCos && math.Float64bits(acc.cos[w.layer]) != math.Float64bits(w.cos))) {
+		prev := seenW[key{w.window, w.layer}]
+		if prev == nil {
+			if held := a.wins[w.window]; held != nil && held.abs[w.layer] != nil {
+				prev = &windowRow{abs: held.abs[w.layer], rot: held.rot[w.layer], hasCos: w.hasCos}
+				if w.hasCos {
+					prev.cos = held.cos[w.layer]
+				}
+			}
+		}
+		if prev != nil && (!sameBits(prev.abs, w.abs) || !sameBits(prev.rot, w.rot) || math.Float64bits(prev.cos) != math.Float64bits(w.cos)) {
 			return fmt.Errorf("%w: window %d layer %d received twice with different values", ErrCorrupt, w.window, w.layer)
 		}
+		seenW[key{w.window, w.layer}] = w
 	}
+	windows := len(a.wins)
+	for w := range winTokens {
+		if a.wins[w] == nil {
+			windows++
+		}
+	}
+	if windows > s.windows {
+		return fmt.Errorf("%w: %d windows, beyond the %d announced", ErrCorrupt, windows, s.windows)
+	}
+	seenG := map[key][2][]float64{}
+	gramTokens := map[int]int64{}
 	for _, g := range grows {
-		acc := a.gram[g.start]
-		if acc == nil {
-			continue
-		}
-		if acc.tokens != g.tokens {
-			return fmt.Errorf("%w: Gram sums of start %d cover %d tokens, earlier %d", ErrCorrupt, g.start, g.tokens, acc.tokens)
-		}
-		n := len(g.xtx) / d
-		for r := range n {
-			if acc.have[g.rowLo+r] && (!sameBits(acc.xtx[(g.rowLo+r)*d:(g.rowLo+r+1)*d], g.xtx[r*d:(r+1)*d]) ||
-				!sameBits(acc.xty[(g.rowLo+r)*d:(g.rowLo+r+1)*d], g.xty[r*d:(r+1)*d])) {
-				return fmt.Errorf("%w: Gram row %d of start %d received twice with different values", ErrCorrupt, g.rowLo+r, g.start)
+		t, ok := gramTokens[g.start]
+		if !ok {
+			t = g.tokens
+			if held := a.gram[g.start]; held != nil {
+				t = held.tokens
 			}
+			gramTokens[g.start] = t
+		}
+		if t != g.tokens {
+			return fmt.Errorf("%w: Gram sums of start %d cover %d tokens, elsewhere %d", ErrCorrupt, g.start, g.tokens, t)
+		}
+		for r := range len(g.xtx) / d {
+			row := g.rowLo + r
+			cur := [2][]float64{g.xtx[r*d : (r+1)*d], g.xty[r*d : (r+1)*d]}
+			prev, ok := seenG[key{g.start, row}]
+			if held := a.gram[g.start]; !ok && held != nil && held.have[row] {
+				prev, ok = [2][]float64{held.xtx[row*d : (row+1)*d], held.xty[row*d : (row+1)*d]}, true
+			}
+			if ok && (!sameBits(prev[0], cur[0]) || !sameBits(prev[1], cur[1])) {
+				return fmt.Errorf("%w: Gram row %d of start %d received twice with different values", ErrCorrupt, row, g.start)
+			}
+			seenG[key{g.start, row}] = cur
 		}
 	}
-	// Everything checks: take it in. Rows within this message may still repeat or conflict
-	// with each other; the first is kept and a conflicting later one is an error, found
-	// below before anything is kept... so check within-message conflicts against a staged copy.
+
 	if a.shape == nil {
 		a.shape = &s
 	}

@@ -90,6 +90,9 @@ func Mul(dst, a, b *Matrix) {
 	mulInto(false, false, dst, a, b)
 }
 
+// gemmRowBlock is the row count of the independent products a large product is split into.
+const gemmRowBlock = 64
+
 // mulInto runs the checked product dst = a·op(b) through the BLAS backend.
 func mulInto(transA, transB bool, dst, a, b *Matrix) {
 	m, n, k := dst.Rows, dst.Cols, a.Cols
@@ -103,7 +106,11 @@ func mulInto(transA, transB bool, dst, a, b *Matrix) {
 	if goSplitsGemm && !transA && m*n*k >= 1<<18 {
 		// Split the rows of a and dst across goroutines, each a single-threaded BLAS call:
 		// no BLAS thread pool spinning, and parallelism that composes with the Go kernels.
-		parallelFor(m, 32, func(lo, hi int) {
+		// Blocks of gemmRowBlock rows whatever the thread count, so every row's result is
+		// bit-identical however many threads run (teachers rely on this).
+		blocks := (m + gemmRowBlock - 1) / gemmRowBlock
+		parallelItems(blocks, func(int) {}, func(_, i int) {
+			lo, hi := i*gemmRowBlock, min((i+1)*gemmRowBlock, m)
 			gemm(false, transB, hi-lo, n, k, 1, a.Data[lo*a.Cols:], a.Cols, b.Data, b.Cols, 0, dst.Data[lo*dst.Cols:], dst.Cols)
 		})
 		return

@@ -135,3 +135,37 @@ func TestMeasureSgemm(t *testing.T) {
 		t.Fatalf("MeasureSgemm = %v", g)
 	}
 }
+
+// TestMulTBitIdenticalAcrossThreads: a row's result must not depend on the thread count
+// (teachers on different machines must produce identical activations).
+func TestMulTBitIdenticalAcrossThreads(t *testing.T) {
+	defer SetThreads(0)
+	a, b := randMatrixForThreads(300, 257, 1), randMatrixForThreads(129, 257, 2)
+	var ref *Matrix
+	for _, th := range []int{1, 2, 3, 5} {
+		SetThreads(th)
+		c := New(300, 129)
+		MulT(c, a, b)
+		if ref == nil {
+			ref = c
+			continue
+		}
+		for i := range c.Data {
+			if c.Data[i] != ref.Data[i] {
+				t.Fatalf("threads %d: element %d differs (%v vs %v)", th, i, c.Data[i], ref.Data[i])
+			}
+		}
+	}
+}
+
+func randMatrixForThreads(r, c int, seed int64) *Matrix {
+	m := New(r, c)
+	x := uint64(seed)*0x9E3779B97F4A7C15 + 1
+	for i := range m.Data {
+		x ^= x << 13
+		x ^= x >> 7
+		x ^= x << 17
+		m.Data[i] = float32(int64(x%2001)-1000) / 1000
+	}
+	return m
+}
