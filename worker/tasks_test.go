@@ -307,6 +307,8 @@ func TestWatchDeadLetters(t *testing.T) {
 		if d.TaskID != "acts-0" || d.Phase != "acts" || string(d.Payload) != "payload acts-0" || d.Deliveries != 2 {
 			t.Fatalf("dead letter %+v", d)
 		}
+	case err := <-done:
+		t.Fatalf("WatchDeadLetters returned early: %v", err)
 	case <-time.After(5 * time.Second):
 		t.Fatal("no dead letter from the advisory")
 	}
