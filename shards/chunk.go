@@ -3,6 +3,7 @@ package shards
 import (
 	"encoding/binary"
 	"fmt"
+	"hash/crc32"
 	"math"
 
 	"github.com/apache/arrow/go/v17/arrow"
@@ -41,6 +42,7 @@ const (
 	colChunk    = "chunk"
 	colChunks   = "chunks"
 	colTokenLo  = "token_lo"
+	colCRC      = "crc32c"
 	colInputIDs = "input_ids"
 	colXCut     = "x_cut"
 	colGapLo    = "topk_gap_lo"
@@ -61,6 +63,7 @@ func chunkSchema(m Meta) *arrow.Schema {
 		{Name: colChunk, Type: arrow.PrimitiveTypes.Int32},
 		{Name: colChunks, Type: arrow.PrimitiveTypes.Int32},
 		{Name: colTokenLo, Type: arrow.PrimitiveTypes.Int32},
+		{Name: colCRC, Type: arrow.PrimitiveTypes.Uint32},
 		{Name: colInputIDs, Type: listOf(arrow.PrimitiveTypes.Int32)},
 		act(colXCut),
 	}
@@ -111,6 +114,45 @@ func checkChunk(m Meta, c *Chunk) error {
 	return nil
 }
 
+// chunkCols are the value bytes of a chunk record's nested columns, little-endian, token
+// after token; absent columns are nil.
+type chunkCols struct {
+	ids, xcut, lo, hi, sq, xfin []byte
+}
+
+// colWidths returns the bytes per token of each chunkCols column under m (0: absent).
+func colWidths(m Meta) [6]int {
+	aw := m.ActDType.Size()
+	w := [6]int{4, m.Dim * aw, m.K, m.K * m.hiWidth(), m.K, 0}
+	if m.Final {
+		w[5] = m.Dim * aw
+	}
+	return w
+}
+
+func (c *chunkCols) list() [6]*[]byte { return [6]*[]byte{&c.ids, &c.xcut, &c.lo, &c.hi, &c.sq, &c.xfin} }
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// rowCRC returns the CRC-32C of a row: its five position fields as little-endian int32
+// (window int64) followed by its tokens [t0, t1) of every present column in schema order.
+func rowCRC(m Meta, pos [5]int, cols *chunkCols, t0, t1 int) uint32 {
+	var head [24]byte
+	binary.LittleEndian.PutUint32(head[0:], uint32(pos[0]))
+	binary.LittleEndian.PutUint64(head[4:], uint64(pos[1]))
+	binary.LittleEndian.PutUint32(head[12:], uint32(pos[2]))
+	binary.LittleEndian.PutUint32(head[16:], uint32(pos[3]))
+	binary.LittleEndian.PutUint32(head[20:], uint32(pos[4]))
+	crc := crc32.Update(0, castagnoli, head[:])
+	w := colWidths(m)
+	for i, b := range cols.list() {
+		if w[i] > 0 {
+			crc = crc32.Update(crc, castagnoli, (*b)[t0*w[i]:t1*w[i]])
+		}
+	}
+	return crc
+}
+
 // chunkRecord builds the record of rows (validated by checkChunk) under schema.
 func chunkRecord(m Meta, schema *arrow.Schema, rows []Chunk) (arrow.Record, error) {
 	R := len(rows)
@@ -119,161 +161,144 @@ func chunkRecord(m Meta, schema *arrow.Schema, rows []Chunk) (arrow.Record, erro
 		offs[r+1] = offs[r] + int32(rows[r].Tokens())
 	}
 	total := int(offs[R])
-	shard, window := make([]byte, 4*R), make([]byte, 8*R)
-	chunk, chunks, tokenLo := make([]byte, 4*R), make([]byte, 4*R), make([]byte, 4*R)
-	ids := make([]byte, 4*total)
-	aw := m.ActDType.Size()
-	xcut := make([]byte, total*m.Dim*aw)
-	var xfin []byte
-	if m.Final {
-		xfin = make([]byte, total*m.Dim*aw)
+	var scal [6][]byte
+	for i, w := range [6]int{4, 8, 4, 4, 4, 4} {
+		scal[i] = make([]byte, w*R)
 	}
-	hiW := m.hiWidth()
-	lo, hi, sq := make([]byte, total*m.K), make([]byte, total*m.K*hiW), make([]byte, total*m.K)
-	scratch := newTopKScratch(m.K)
+	w := colWidths(m)
+	var cols chunkCols
+	for i, b := range cols.list() {
+		if w[i] > 0 {
+			*b = make([]byte, total*w[i])
+		}
+	}
+	aw, hiW, K := m.ActDType.Size(), m.hiWidth(), m.K
+	scratch := newTopKScratch(K)
 	for r := range rows {
 		c := &rows[r]
-		binary.LittleEndian.PutUint32(shard[4*r:], uint32(c.Shard))
-		binary.LittleEndian.PutUint64(window[8*r:], uint64(c.Window))
-		binary.LittleEndian.PutUint32(chunk[4*r:], uint32(c.Chunk))
-		binary.LittleEndian.PutUint32(chunks[4*r:], uint32(c.Chunks))
-		binary.LittleEndian.PutUint32(tokenLo[4*r:], uint32(c.TokenLo))
-		t0 := int(offs[r])
+		pos := [5]int{c.Shard, c.Window, c.Chunk, c.Chunks, c.TokenLo}
+		binary.LittleEndian.PutUint32(scal[0][4*r:], uint32(c.Shard))
+		binary.LittleEndian.PutUint64(scal[1][8*r:], uint64(c.Window))
+		binary.LittleEndian.PutUint32(scal[2][4*r:], uint32(c.Chunk))
+		binary.LittleEndian.PutUint32(scal[3][4*r:], uint32(c.Chunks))
+		binary.LittleEndian.PutUint32(scal[4][4*r:], uint32(c.TokenLo))
+		t0, t1 := int(offs[r]), int(offs[r+1])
 		for t, id := range c.InputIDs {
-			binary.LittleEndian.PutUint32(ids[4*(t0+t):], uint32(id))
+			binary.LittleEndian.PutUint32(cols.ids[4*(t0+t):], uint32(id))
 		}
-		if err := putActs(m.ActDType, xcut[t0*m.Dim*aw:], c.XCut); err != nil {
+		if err := putActs(m.ActDType, cols.xcut[t0*m.Dim*aw:], c.XCut); err != nil {
 			return nil, fmt.Errorf("x_cut of (shard %d, window %d, chunk %d): %w", c.Shard, c.Window, c.Chunk, err)
 		}
 		if m.Final {
-			if err := putActs(m.ActDType, xfin[t0*m.Dim*aw:], c.XFinal); err != nil {
+			if err := putActs(m.ActDType, cols.xfin[t0*m.Dim*aw:], c.XFinal); err != nil {
 				return nil, fmt.Errorf("x_final of (shard %d, window %d, chunk %d): %w", c.Shard, c.Window, c.Chunk, err)
 			}
 		}
-		K := m.K
 		for t := 0; K > 0 && t < c.Tokens(); t++ {
 			e := (t0 + t) * K
 			if err := encodeTopK(c.TopKIdx[t*K:(t+1)*K], c.TopKProb[t*K:(t+1)*K], m.Vocab, hiW,
-				lo[e:e+K], hi[e*hiW:(e+K)*hiW], sq[e:e+K], scratch); err != nil {
+				cols.lo[e:e+K], cols.hi[e*hiW:(e+K)*hiW], cols.sq[e:e+K], scratch); err != nil {
 				return nil, fmt.Errorf("top-k of (shard %d, window %d, chunk %d) token %d: %w", c.Shard, c.Window, c.Chunk, t, err)
 			}
 		}
+		binary.LittleEndian.PutUint32(scal[5][4*r:], rowCRC(m, pos, &cols, t0, t1))
 	}
 	fields := schema.Fields()
-	cols := []arrow.ArrayData{
-		primData(fields[0].Type, R, shard),
-		primData(fields[1].Type, R, window),
-		primData(fields[2].Type, R, chunk),
-		primData(fields[3].Type, R, chunks),
-		primData(fields[4].Type, R, tokenLo),
-		nestedData(fields[5].Type, R, offs, ids),
-		nestedData(fields[6].Type, R, offs, xcut),
+	data := make([]arrow.ArrayData, 0, len(fields))
+	for i := range scal {
+		data = append(data, primData(fields[i].Type, R, scal[i]))
 	}
-	next := 7
-	if m.K > 0 {
-		cols = append(cols,
-			nestedData(fields[7].Type, R, offs, lo),
-			nestedData(fields[8].Type, R, offs, hi),
-			nestedData(fields[9].Type, R, offs, sq))
-		next = 10
+	for i, b := range cols.list() {
+		if w[i] > 0 {
+			data = append(data, nestedData(fields[len(data)].Type, R, offs, *b))
+		}
 	}
-	if m.Final {
-		cols = append(cols, nestedData(fields[next].Type, R, offs, xfin))
-	}
-	return newRecord(schema, cols, R), nil
+	return newRecord(schema, data, R), nil
 }
 
 // decodeChunks appends the rows of rec (whose schema has been checked against m) to out.
 // Errors wrap ErrCorrupt.
 func decodeChunks(m Meta, rec arrow.Record, out []Chunk) ([]Chunk, error) {
 	R := int(rec.NumRows())
-	col := func(i int) arrow.ArrayData { return rec.Column(i).Data() }
 	for i := range int(rec.NumCols()) {
-		if col(i).Len() != R {
-			return nil, fmt.Errorf("%w: column %s has %d rows, the record %d", ErrCorrupt, rec.ColumnName(i), col(i).Len(), R)
+		if n := rec.Column(i).Len(); n != R {
+			return nil, fmt.Errorf("%w: column %s has %d rows, the record %d", ErrCorrupt, rec.ColumnName(i), n, R)
 		}
 	}
-	var scalars [5][]byte
-	widths := [5]int{4, 8, 4, 4, 4}
-	for i := range scalars {
+	var scal [6][]byte
+	for i, w := range [6]int{4, 8, 4, 4, 4, 4} {
 		var err error
-		if scalars[i], err = colValues(rec.ColumnName(i), col(i), widths[i]); err != nil {
+		if scal[i], err = colValues(rec.ColumnName(i), rec.Column(i).Data(), w); err != nil {
 			return nil, err
 		}
 	}
-	type nested struct {
-		name string
-		offs []int
-		vals []byte
-	}
+	w := colWidths(m)
 	aw, hiW, K, d := m.ActDType.Size(), m.hiWidth(), m.K, m.Dim
-	type colSpec struct {
-		name string
-		w    int // bytes per primitive element
-	}
-	specs := []colSpec{{colInputIDs, 4}, {colXCut, aw}}
-	if K > 0 {
-		specs = append(specs, colSpec{colGapLo, 1}, colSpec{colGapHi, hiW}, colSpec{colSqrtP, 1})
-	}
-	if m.Final {
-		specs = append(specs, colSpec{colXFinal, aw})
-	}
-	cols := make(map[string]nested, len(specs))
-	for i, s := range specs {
-		offs, vals, err := nestedValues(s.name, col(5+i), s.w)
+	elem := [6]int{4, aw, 1, hiW, 1, aw} // bytes per primitive element
+	var cols chunkCols
+	var offs [6][]int
+	next := len(scal)
+	for i, b := range cols.list() {
+		if w[i] == 0 {
+			continue
+		}
+		var err error
+		offs[i], *b, err = nestedValues(rec.ColumnName(next), rec.Column(next).Data(), elem[i])
 		if err != nil {
 			return nil, err
 		}
-		cols[s.name] = nested{s.name, offs, vals}
+		next++
 	}
-	ids, xcut := cols[colInputIDs], cols[colXCut]
 	for r := range R {
 		c := Chunk{
-			Shard:   int(int32(binary.LittleEndian.Uint32(scalars[0][4*r:]))),
-			Window:  int(int64(binary.LittleEndian.Uint64(scalars[1][8*r:]))),
-			Chunk:   int(int32(binary.LittleEndian.Uint32(scalars[2][4*r:]))),
-			Chunks:  int(int32(binary.LittleEndian.Uint32(scalars[3][4*r:]))),
-			TokenLo: int(int32(binary.LittleEndian.Uint32(scalars[4][4*r:]))),
+			Shard:   int(int32(binary.LittleEndian.Uint32(scal[0][4*r:]))),
+			Window:  int(int64(binary.LittleEndian.Uint64(scal[1][8*r:]))),
+			Chunk:   int(int32(binary.LittleEndian.Uint32(scal[2][4*r:]))),
+			Chunks:  int(int32(binary.LittleEndian.Uint32(scal[3][4*r:]))),
+			TokenLo: int(int32(binary.LittleEndian.Uint32(scal[4][4*r:]))),
 		}
-		t0, t1 := ids.offs[r], ids.offs[r+1]
+		t0, t1 := offs[0][r], offs[0][r+1]
 		T := t1 - t0
+		for i := range cols.list() {
+			if w[i] > 0 && (offs[i][r] != t0 || offs[i][r+1] != t1) {
+				return nil, fmt.Errorf("%w: row %d: a column spans tokens [%d, %d), input_ids [%d, %d)", ErrCorrupt, r, offs[i][r], offs[i][r+1], t0, t1)
+			}
+		}
 		if T < 1 {
 			return nil, fmt.Errorf("%w: row %d has no tokens", ErrCorrupt, r)
 		}
-		for _, s := range specs {
-			if n := cols[s.name]; n.offs[r] != t0 || n.offs[r+1] != t1 {
-				return nil, fmt.Errorf("%w: row %d: column %s spans tokens [%d, %d), input_ids [%d, %d)", ErrCorrupt, r, s.name, n.offs[r], n.offs[r+1], t0, t1)
-			}
+		pos := [5]int{c.Shard, c.Window, c.Chunk, c.Chunks, c.TokenLo}
+		if got, want := rowCRC(m, pos, &cols, t0, t1), binary.LittleEndian.Uint32(scal[5][4*r:]); got != want {
+			return nil, fmt.Errorf("%w: row %d (shard %d, window %d, chunk %d): CRC-32C %08x, recorded %08x", ErrCorrupt, r, c.Shard, c.Window, c.Chunk, got, want)
 		}
 		if c.Shard < 0 || c.Window < 0 || c.Chunks < 1 || c.Chunk < 0 || c.Chunk >= c.Chunks || c.TokenLo < 0 || c.TokenLo > math.MaxInt32-T {
 			return nil, fmt.Errorf("%w: row %d: invalid position (shard %d, window %d, chunk %d of %d, token_lo %d)", ErrCorrupt, r, c.Shard, c.Window, c.Chunk, c.Chunks, c.TokenLo)
 		}
 		c.InputIDs = make([]int32, T)
 		for t := range c.InputIDs {
-			id := int32(binary.LittleEndian.Uint32(ids.vals[4*(t0+t):]))
+			id := int32(binary.LittleEndian.Uint32(cols.ids[4*(t0+t):]))
 			if id < 0 || int(id) >= m.Vocab {
 				return nil, fmt.Errorf("%w: row %d: input id %d outside the vocabulary [0, %d)", ErrCorrupt, r, id, m.Vocab)
 			}
 			c.InputIDs[t] = id
 		}
 		c.XCut = make([]float32, T*d)
-		if !getActs(m.ActDType, c.XCut, xcut.vals[t0*d*aw:]) {
+		if !getActs(m.ActDType, c.XCut, cols.xcut[t0*d*aw:]) {
 			return nil, fmt.Errorf("%w: row %d: non-finite x_cut", ErrCorrupt, r)
 		}
 		if K > 0 {
-			lo, hi, sq := cols[colGapLo].vals, cols[colGapHi].vals, cols[colSqrtP].vals
 			c.TopKIdx = make([]int32, T*K)
 			c.TopKProb = make([]float32, T*K)
 			for t := range T {
 				e := (t0 + t) * K
-				if !decodeTopK(lo[e:e+K], hi[e*hiW:(e+K)*hiW], sq[e:e+K], m.Vocab, hiW, c.TopKIdx[t*K:(t+1)*K], c.TopKProb[t*K:(t+1)*K]) {
+				if !decodeTopK(cols.lo[e:e+K], cols.hi[e*hiW:(e+K)*hiW], cols.sq[e:e+K], m.Vocab, hiW, c.TopKIdx[t*K:(t+1)*K], c.TopKProb[t*K:(t+1)*K]) {
 					return nil, fmt.Errorf("%w: row %d token %d: top-k id beyond the vocabulary %d", ErrCorrupt, r, t, m.Vocab)
 				}
 			}
 		}
 		if m.Final {
 			c.XFinal = make([]float32, T*d)
-			if !getActs(m.ActDType, c.XFinal, cols[colXFinal].vals[t0*d*aw:]) {
+			if !getActs(m.ActDType, c.XFinal, cols.xfin[t0*d*aw:]) {
 				return nil, fmt.Errorf("%w: row %d: non-finite x_final", ErrCorrupt, r)
 			}
 		}

@@ -3,6 +3,7 @@ package shards
 import (
 	"encoding/binary"
 	"fmt"
+	"hash/crc32"
 	"math"
 	"slices"
 	"strconv"
@@ -113,6 +114,7 @@ func statsWindowSchema(m Meta, extra []string) *arrow.Schema {
 		{Name: colCosSum, Type: arrow.PrimitiveTypes.Float64, Nullable: true}, // null for l > L−n
 		{Name: colAbsMean, Type: fslOf(m.Dim, arrow.PrimitiveTypes.Float64)},
 		{Name: colRotAbsMean, Type: fslOf(m.Dim, arrow.PrimitiveTypes.Float64)},
+		{Name: colCRC, Type: arrow.PrimitiveTypes.Uint32},
 	}, &md)
 }
 
@@ -124,6 +126,7 @@ func statsGramSchema(m Meta, extra []string) *arrow.Schema {
 		{Name: colRowLo, Type: arrow.PrimitiveTypes.Int32},
 		{Name: colXtX, Type: listOf(fslOf(m.Dim, arrow.PrimitiveTypes.Float64))},
 		{Name: colXtY, Type: listOf(fslOf(m.Dim, arrow.PrimitiveTypes.Float64))},
+		{Name: colCRC, Type: arrow.PrimitiveTypes.Uint32},
 	}, &md)
 }
 
@@ -161,6 +164,7 @@ func windowRecord(schema *arrow.Schema, d int, rows []windowRow) arrow.Record {
 	win, tok, lay := make([]byte, 8*R), make([]byte, 8*R), make([]byte, 4*R)
 	cos, valid := make([]byte, 8*R), make([]byte, (R+7)/8)
 	abs, rot := make([]byte, 8*d*R), make([]byte, 8*d*R)
+	crc := make([]byte, 4*R)
 	nulls := 0
 	for r, w := range rows {
 		binary.LittleEndian.PutUint64(win[8*r:], uint64(w.window))
@@ -174,12 +178,15 @@ func windowRecord(schema *arrow.Schema, d int, rows []windowRow) arrow.Record {
 		}
 		putF64s(abs[8*d*r:], w.abs)
 		putF64s(rot[8*d*r:], w.rot)
+		binary.LittleEndian.PutUint32(crc[4*r:], crcOf(win[8*r:8*r+8], tok[8*r:8*r+8], lay[4*r:4*r+4], cosBytes(w.hasCos, cos[8*r:8*r+8]),
+			abs[8*d*r:8*d*(r+1)], rot[8*d*r:8*d*(r+1)]))
 	}
 	f := schema.Fields()
 	return newRecord(schema, []arrow.ArrayData{
 		primData(f[0].Type, R, win), primData(f[1].Type, R, tok), primData(f[2].Type, R, lay),
 		nullablePrimData(f[3].Type, R, valid, nulls, cos),
 		nestedData(f[4].Type, R, nil, abs), nestedData(f[5].Type, R, nil, rot),
+		primData(f[6].Type, R, crc),
 	}, R)
 }
 
@@ -192,12 +199,32 @@ func gramRecord(schema *arrow.Schema, d int, g gramRow) arrow.Record {
 	xtx, xty := make([]byte, 8*len(g.xtx)), make([]byte, 8*len(g.xty))
 	putF64s(xtx, g.xtx)
 	putF64s(xty, g.xty)
+	crc := binary.LittleEndian.AppendUint32(nil, crcOf(start, tok, lo, xtx, xty))
 	f := schema.Fields()
 	offs := []int32{0, int32(n)}
 	return newRecord(schema, []arrow.ArrayData{
 		primData(f[0].Type, 1, start), primData(f[1].Type, 1, tok), primData(f[2].Type, 1, lo),
 		nestedData(f[3].Type, 1, offs, xtx), nestedData(f[4].Type, 1, offs, xty),
+		primData(f[5].Type, 1, crc),
 	}, 1)
+}
+
+// crcOf returns the CRC-32C of the concatenation of parts.
+func crcOf(parts ...[]byte) uint32 {
+	var crc uint32
+	for _, p := range parts {
+		crc = crc32.Update(crc, castagnoli, p)
+	}
+	return crc
+}
+
+// cosBytes returns the bytes a cosine sum contributes to its row's CRC: its value, or
+// eight zero bytes when null.
+func cosBytes(valid bool, b []byte) []byte {
+	if !valid {
+		return make([]byte, 8)
+	}
+	return b
 }
 
 func encodeRecord(schema *arrow.Schema, rec arrow.Record) ([]byte, error) {
@@ -237,7 +264,7 @@ func EncodeStats(meta Meta, st *patch.Stats, maxPayload int) ([][]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	rowBytes := 8 + 8 + 4 + 8 + 1 + 2*8*d
+	rowBytes := 8 + 8 + 4 + 8 + 1 + 2*8*d + 4
 	rowsPer := (budget - len(empty) - 16*len(ws.Fields())) / rowBytes
 	if rowsPer < 1 {
 		return nil, fmt.Errorf("%w: %d bytes for a statistics row of width %d (max payload %d, header margin %d)", ErrPayload, rowBytes, d, maxPayload, HeaderMargin)
@@ -399,6 +426,10 @@ func decodeWindowRows(rec arrow.Record, d int, s statsShape, out []windowRow) ([
 	if err != nil {
 		return nil, err
 	}
+	crcs, err := colValues(colCRC, rec.Column(6).Data(), 4)
+	if err != nil || rec.Column(6).Len() != R {
+		return nil, fmt.Errorf("%w: column %s: %v", ErrCorrupt, colCRC, err)
+	}
 	var vecs [2][]byte
 	for i := range vecs {
 		c := rec.Column(4 + i).Data()
@@ -415,6 +446,10 @@ func decodeWindowRows(rec arrow.Record, d int, s statsShape, out []windowRow) ([
 			tokens: int(int64(binary.LittleEndian.Uint64(sc[1][8*r:]))),
 			layer:  int(int32(binary.LittleEndian.Uint32(sc[2][4*r:]))),
 			hasCos: valid == nil || valid[r],
+		}
+		if crcOf(sc[0][8*r:8*r+8], sc[1][8*r:8*r+8], sc[2][4*r:4*r+4], cosBytes(w.hasCos, sc[3][8*r:8*r+8]),
+			vecs[0][8*d*r:8*d*(r+1)], vecs[1][8*d*r:8*d*(r+1)]) != binary.LittleEndian.Uint32(crcs[4*r:]) {
+			return nil, fmt.Errorf("%w: statistics row %d: CRC-32C mismatch", ErrCorrupt, r)
 		}
 		if w.window < 0 || w.tokens < 1 || w.layer < 0 || w.layer > s.layers || w.hasCos != (w.layer <= s.layers-s.numPrune) {
 			return nil, fmt.Errorf("%w: statistics row %d: window %d, %d tokens, layer %d (cosine present %v) outside the shape", ErrCorrupt, r, w.window, w.tokens, w.layer, w.hasCos)
@@ -443,6 +478,10 @@ func decodeGramRows(rec arrow.Record, d int, s statsShape, out []gramRow) ([]gra
 			return nil, err
 		}
 	}
+	crcs, err := colValues(colCRC, rec.Column(5).Data(), 4)
+	if err != nil || rec.Column(5).Len() != R {
+		return nil, fmt.Errorf("%w: column %s: %v", ErrCorrupt, colCRC, err)
+	}
 	var offs [2][]int
 	var vals [2][]byte
 	for i := range 2 {
@@ -467,6 +506,9 @@ func decodeGramRows(rec arrow.Record, d int, s statsShape, out []gramRow) ([]gra
 		}
 		if !slices.Contains(s.starts, g.start) || g.tokens < 0 || g.rowLo < 0 || hi-lo < 1 || g.rowLo+(hi-lo) > d {
 			return nil, fmt.Errorf("%w: Gram row %d: start %d, rows [%d, %d) outside the shape", ErrCorrupt, r, g.start, g.rowLo, g.rowLo+hi-lo)
+		}
+		if crcOf(sc[0][4*r:4*r+4], sc[1][8*r:8*r+8], sc[2][4*r:4*r+4], vals[0][8*d*lo:8*d*hi], vals[1][8*d*lo:8*d*hi]) != binary.LittleEndian.Uint32(crcs[4*r:]) {
+			return nil, fmt.Errorf("%w: Gram row %d: CRC-32C mismatch", ErrCorrupt, r)
 		}
 		g.xtx = getF64s(vals[0][8*d*lo:], d*(hi-lo))
 		g.xty = getF64s(vals[1][8*d*lo:], d*(hi-lo))

@@ -14,11 +14,13 @@ import (
 // through SymDiff. Weights are frozen: they live in the ops, not in nodes, so gorgonia
 // never builds weight-gradient products; only activations carry gradients.
 
-var (
-	unary   = hm.NewFnType(matF32, matF32)
-	binary  = hm.NewFnType(matF32, matF32, matF32)
-	ternary = hm.NewFnType(matF32, matF32, matF32, matF32)
-)
+// Op types: fresh values on every call (see op.typ).
+func unary() hm.Type   { return hm.NewFnType(matF32, matF32) }
+func binary() hm.Type  { return hm.NewFnType(matF32, matF32, matF32) }
+func ternary() hm.Type { return hm.NewFnType(matF32, matF32, matF32, matF32) }
+func gatherType() hm.Type {
+	return hm.NewFnType(matF32, matI32, matF32)
+}
 
 func nodes(ns ...*gorgonia.Node) gorgonia.Nodes { return gorgonia.Nodes(ns) }
 
@@ -265,7 +267,7 @@ func gatherHeadNode(name string, h, idx *gorgonia.Node, w *tensor.Matrix, k int)
 		return ix, nil
 	}
 	back := &op{
-		name: name + ".backward", typ: hm.NewFnType(matF32, matI32, matF32), arity: 2,
+		name: name + ".backward", typ: gatherType, arity: 2,
 		shape: func(s []gtensor.Shape) (gtensor.Shape, error) {
 			n, err := matShape(name, s[0], k)
 			if err != nil {
@@ -290,7 +292,7 @@ func gatherHeadNode(name string, h, idx *gorgonia.Node, w *tensor.Matrix, k int)
 		},
 	}
 	fwd := &op{
-		name: name, typ: hm.NewFnType(matF32, matI32, matF32), arity: 2, wrt: []bool{true, false},
+		name: name, typ: gatherType, arity: 2, wrt: []bool{true, false},
 		shape: func(s []gtensor.Shape) (gtensor.Shape, error) {
 			n, err := matShape(name, s[0], d)
 			if err != nil {
@@ -343,7 +345,7 @@ func scalarLossNode(name string, x, target *gorgonia.Node,
 	forward func(x, t []float32, k int) float64,
 	backward func(dx, x, t []float32, k int, g float32)) (*gorgonia.Node, error) {
 	back := &op{
-		name: name + ".backward", typ: hm.NewFnType(matF32, matF32, scaF32, matF32), arity: 3,
+		name: name + ".backward", typ: func() hm.Type { return hm.NewFnType(matF32, matF32, scaF32, matF32) }, arity: 3,
 		shape: func(s []gtensor.Shape) (gtensor.Shape, error) {
 			if err := sameShapes(name, s[:2]); err != nil {
 				return nil, err
@@ -364,7 +366,7 @@ func scalarLossNode(name string, x, target *gorgonia.Node,
 		},
 	}
 	fwd := &op{
-		name: name, typ: hm.NewFnType(matF32, matF32, scaF32), arity: 2, wrt: []bool{true, false},
+		name: name, typ: func() hm.Type { return hm.NewFnType(matF32, matF32, scaF32) }, arity: 2, wrt: []bool{true, false},
 		shape: func(s []gtensor.Shape) (gtensor.Shape, error) {
 			return gtensor.ScalarShape(), sameShapes(name, s)
 		},

@@ -28,8 +28,8 @@ var (
 // An op never panics out of Do: gorgonia runs the tape on its own goroutine, where a
 // panic cannot be recovered by the caller, so run's panics become errors.
 type op struct {
-	name  string // unique within a graph: it is the op's hash, and gorgonia merges equal nodes
-	typ   hm.Type
+	name  string         // unique within a graph: it is the op's hash, and gorgonia merges equal nodes
+	typ   func() hm.Type // a fresh type each call: hm's Apply mutates function types in place
 	arity int
 	shape func(in []tensor.Shape) (tensor.Shape, error)
 	run   func(out []float32, in []gorgonia.Value) error
@@ -50,7 +50,7 @@ var (
 )
 
 func (o *op) Arity() int                { return o.arity }
-func (o *op) Type() hm.Type             { return o.typ }
+func (o *op) Type() hm.Type             { return o.typ() }
 func (o *op) ReturnsPtr() bool          { return false }
 func (o *op) CallsExtern() bool         { return false }
 func (o *op) OverwritesInput() int      { return -1 }

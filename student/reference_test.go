@@ -323,6 +323,7 @@ func checkGrad(t *testing.T, what string, got []float32, want []float64, tol flo
 	if worst > tol*math.Max(scale, 1e-4) || math.IsNaN(worst) {
 		t.Fatalf("%s: [%d] = %g, want %g (max error %.3g, scale %.3g)", what, at, got[at], want[at], worst, scale)
 	}
+	t.Logf("%s: max error %.2g of scale %.2g", what, worst, scale)
 }
 
 // checkClose fails t unless |got − want| ≤ tol·(1 + |want|) everywhere.

@@ -93,6 +93,10 @@ func (o *ConnOptions) natsOptions() ([]nats.Option, error) {
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(o.ReconnectWait),
 		nats.DisconnectErrHandler(func(nc *nats.Conn, err error) {
+			if err == nil { // our own Close
+				log.Debug("nats disconnected")
+				return
+			}
 			log.Warn("nats disconnected", "err", err)
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {

@@ -100,7 +100,10 @@ type maxDeliveriesAdvisory struct {
 // fails): each is stored on the dead-letter subject (deduplicated with one the
 // worker may have written) and passed to fn, if fn is not nil. It blocks until
 // ctx ends and returns nil then; it returns an error if it cannot subscribe.
-// Advisories emitted while nobody watches are not replayed.
+// Advisories emitted while nobody watches are not replayed. The server (2.15)
+// notices an exhausted message of a pull consumer only when the consumer is
+// next touched (a pull or an info request), so with every worker down the
+// advisory waits for the first worker to come back.
 func WatchDeadLetters(ctx context.Context, js jetstream.JetStream, names Names, consumerName string, fn func(DeadLetter), log *slog.Logger) error {
 	if err := validateName(consumerName); err != nil {
 		return err

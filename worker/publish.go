@@ -109,7 +109,9 @@ func NewPublisher(js jetstream.JetStream, opts ...PublisherOption) (*Publisher, 
 // headers exceeds the connection's max payload — chunk and retry, the
 // Publisher stays usable; ErrInvalidOption for an empty msgID or a header that
 // sets Nats-Msg-Id; otherwise the first failure of this or an earlier message
-// (sticky).
+// (sticky). Connection-level failures, including "no stream responded" (which
+// a stream still recovering and a subject no stream captures look alike), are
+// retried until ctx ends.
 func (p *Publisher) Publish(ctx context.Context, subject, msgID string, payload []byte, headers map[string]string) error {
 	if p.err != nil {
 		return p.err

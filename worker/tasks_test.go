@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -301,6 +302,11 @@ func TestWatchDeadLetters(t *testing.T) {
 		if _, err := cons.Next(jetstream.FetchMaxWait(2 * time.Second)); err != nil {
 			t.Fatalf("fetch: %v", err)
 		}
+	}
+	// The server notices the exhausted message only when the consumer is
+	// touched again (a pull, as the loops of live workers do, or an info).
+	if _, err := cons.Next(jetstream.FetchMaxWait(500 * time.Millisecond)); !errors.Is(err, nats.ErrTimeout) {
+		t.Fatalf("third fetch: %v, want timeout", err)
 	}
 	select {
 	case d := <-got:

@@ -1,0 +1,177 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+)
+
+// consumeUntil runs Consume in the background; the returned stop cancels it
+// and returns its error.
+func consumeUntil(t *testing.T, run func(ctx context.Context) error) (stop func() error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx) }()
+	var once sync.Once
+	var err error
+	stop = func() error {
+		once.Do(func() { cancel(); err = <-done })
+		return err
+	}
+	t.Cleanup(func() { _ = stop() })
+	return stop
+}
+
+func publishData(t *testing.T, p *Publisher, names Names, phase string, shard, n int) {
+	t.Helper()
+	for i := range n {
+		k := DataKey{Run: names.Run(), Phase: phase, Shard: shard, Chunk: i}
+		if err := p.Publish(t.Context(), k.Subject(), MsgID(k), []byte(k.Subject()), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := p.Flush(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestConsumeFilterAndAck(t *testing.T) {
+	_, _, js, names := setupRun(t, StreamConfig{})
+	p, err := NewPublisher(js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	publishData(t, p, names, "acts", 0, 5)
+	publishData(t, p, names, "stats", 0, 3)
+
+	var mu sync.Mutex
+	got := map[string]int{}
+	stop := consumeUntil(t, func(ctx context.Context) error {
+		return Consume(ctx, js, names, "cache", names.DataFilter("acts"), func(ctx context.Context, m Msg) error {
+			k, err := names.ParseDataSubject(m.Subject)
+			if err != nil || k.Phase != "acts" || string(m.Data) != m.Subject {
+				t.Errorf("unexpected message %s: %v", m.Subject, err)
+			}
+			mu.Lock()
+			got[m.Subject]++
+			mu.Unlock()
+			return m.AckSync(ctx)
+		}, WithConsumeAckWait(time.Second), WithConsumeLogger(testLogger()))
+	})
+	count := func() int { mu.Lock(); defer mu.Unlock(); return len(got) }
+	waitFor(t, 5*time.Second, "5 acts messages", func() bool { return count() == 5 })
+	if err := stop(); err != nil {
+		t.Fatalf("Consume: %v", err)
+	}
+	c, err := js.Consumer(t.Context(), names.DataStream(), "cache")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ci, err := c.Info(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ci.NumAckPending != 0 || ci.NumPending != 0 || ci.AckFloor.Stream != 5 {
+		t.Fatalf("consumer state %+v", ci)
+	}
+	for s, n := range got {
+		if n != 1 {
+			t.Fatalf("%s delivered %d times", s, n)
+		}
+	}
+}
+
+// An unacked message comes back after AckWait; an error from fn stops Consume
+// and naks the message, which the next Consume gets again.
+func TestConsumeRedelivery(t *testing.T) {
+	_, _, js, names := setupRun(t, StreamConfig{})
+	p, err := NewPublisher(js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	publishData(t, p, names, "acts", 0, 1)
+	opts := []ConsumeOption{WithConsumeAckWait(300 * time.Millisecond), WithConsumeLogger(testLogger())}
+
+	deliveries := make(chan int, 10)
+	boom := errors.New("disk full")
+	stop := consumeUntil(t, func(ctx context.Context) error {
+		return Consume(ctx, js, names, "cache", "", func(ctx context.Context, m Msg) error {
+			deliveries <- m.Delivered
+			switch m.Delivered {
+			case 1:
+				return nil // forgot to ack: AckWait brings it back
+			case 2:
+				return boom
+			}
+			return m.Ack()
+		}, opts...)
+	})
+	for want := 1; want <= 2; want++ {
+		select {
+		case d := <-deliveries:
+			if d != want {
+				t.Fatalf("delivery %d reported as %d", want, d)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no delivery %d", want)
+		}
+	}
+	if err := stop(); !errors.Is(err, boom) {
+		t.Fatalf("Consume = %v, want %v", err, boom)
+	}
+	stop = consumeUntil(t, func(ctx context.Context) error {
+		return Consume(ctx, js, names, "cache", "", func(ctx context.Context, m Msg) error {
+			deliveries <- m.Delivered
+			return m.Ack()
+		}, opts...)
+	})
+	select {
+	case d := <-deliveries:
+		if d != 3 {
+			t.Fatalf("third delivery reported as %d", d)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("nak'd message not redelivered")
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestConsumeErrors(t *testing.T) {
+	_, _, js, names := setupRun(t, StreamConfig{})
+	fn := func(context.Context, Msg) error { return nil }
+	for _, tc := range []struct {
+		name, consumer, filter string
+		opts                   []ConsumeOption
+		want                   error
+	}{
+		{"bad name", "a.b", "", nil, ErrInvalidName},
+		{"foreign filter", "c", "lp.other.data.>", nil, ErrInvalidOption},
+		{"task filter", "c", names.TaskSubject("acts"), nil, ErrInvalidOption},
+		{"prefix only", "c", "lp.run-1.data.", nil, ErrInvalidOption},
+		{"bad ack wait", "c", "", []ConsumeOption{WithConsumeAckWait(time.Millisecond)}, ErrInvalidOption},
+		{"bad max deliver", "c", "", []ConsumeOption{WithConsumeMaxDeliver(0)}, ErrInvalidOption},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := Consume(t.Context(), js, names, tc.consumer, tc.filter, fn, tc.opts...); !errors.Is(err, tc.want) {
+				t.Fatalf("err = %v, want %v", err, tc.want)
+			}
+		})
+	}
+	// A panicking fn is an error, not a crash.
+	pp, err := NewPublisher(js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	publishData(t, pp, names, "acts", 0, 1)
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	err = Consume(ctx, js, names, "c", "", func(context.Context, Msg) error { panic("bad row") })
+	if !errors.Is(err, ErrHandlerPanic) {
+		t.Fatalf("panicking fn: %v", err)
+	}
+}

@@ -1,0 +1,148 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+)
+
+func TestPublisherDeduplicates(t *testing.T) {
+	_, _, js, names := setupRun(t, StreamConfig{})
+	p, err := NewPublisher(js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := DataKey{Run: names.Run(), Phase: "acts", Shard: 1, Window: 2, Chunk: 3}
+	for range 2 {
+		if err := p.Publish(t.Context(), key.Subject(), MsgID(key), []byte("rows"), map[string]string{"Lp-Rows": "4"}); err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Flush(t.Context()); err != nil { // two separate acks: the second is a duplicate
+			t.Fatal(err)
+		}
+	}
+	if got, want := p.Stats(), (PublisherStats{Stored: 1, Duplicates: 1}); got != want {
+		t.Fatalf("stats %+v, want %+v", got, want)
+	}
+	if n := streamMsgs(t, js, names.DataStream()); n != 1 {
+		t.Fatalf("data stream holds %d messages, want 1", n)
+	}
+	s, err := js.Stream(t.Context(), names.DataStream())
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := s.GetMsg(t.Context(), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(raw.Data) != "rows" || raw.Header.Get("Lp-Rows") != "4" || raw.Header.Get("Nats-Msg-Id") != MsgID(key) {
+		t.Fatalf("stored %q with headers %v", raw.Data, raw.Header)
+	}
+}
+
+func TestPublisherWindow(t *testing.T) {
+	_, _, js, names := setupRun(t, StreamConfig{})
+	p, err := NewPublisher(js, WithMaxPending(4))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 50 {
+		if err := p.Publish(t.Context(), names.DataSubject("acts", 0, 0, i), fmt.Sprint(i), make([]byte, 1000), nil); err != nil {
+			t.Fatal(err)
+		}
+		if p.Pending() > 4 {
+			t.Fatalf("%d pending, window is 4", p.Pending())
+		}
+	}
+	if err := p.Flush(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if p.Pending() != 0 || p.Stats().Stored != 50 {
+		t.Fatalf("pending %d, stats %+v", p.Pending(), p.Stats())
+	}
+	if n := streamMsgs(t, js, names.DataStream()); n != 50 {
+		t.Fatalf("data stream holds %d messages, want 50", n)
+	}
+}
+
+func TestPublisherMaxPayload(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		serverMax  int
+		size       int
+		wantTooBig bool
+	}{
+		{"fits 1MiB", 0, DefaultMaxPayload - 200, false},
+		{"payload alone 1MiB", 0, DefaultMaxPayload, true},
+		{"2MiB on 1MiB server", 0, 2 << 20, true},
+		{"2MiB on 8MiB server", 8 << 20, 2 << 20, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var opts []ServerOption
+			if tc.serverMax > 0 {
+				opts = append(opts, WithMaxPayload(tc.serverMax))
+			}
+			_, _, js, names := setupRun(t, StreamConfig{}, opts...)
+			p, err := NewPublisher(js)
+			if err != nil {
+				t.Fatal(err)
+			}
+			subj := names.DataSubject("acts", 0, 0, 0)
+			err = p.Publish(t.Context(), subj, "id", make([]byte, tc.size), nil)
+			if tc.wantTooBig {
+				var tl *TooLargeError
+				if !errors.Is(err, ErrTooLarge) || !errors.As(err, &tl) || tl.Size <= tl.Limit || tl.Limit != MaxPayload(js.Conn()) {
+					t.Fatalf("err = %v, want *TooLargeError", err)
+				}
+				// Not sticky: the caller chunks and goes on.
+				if err := p.Publish(t.Context(), subj, "id", []byte("small"), nil); err != nil {
+					t.Fatalf("publish after ErrTooLarge: %v", err)
+				}
+			} else if err != nil {
+				t.Fatal(err)
+			}
+			if err := p.Flush(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+			if n := streamMsgs(t, js, names.DataStream()); n != 1 {
+				t.Fatalf("data stream holds %d messages, want 1", n)
+			}
+		})
+	}
+}
+
+func TestPublisherErrors(t *testing.T) {
+	_, _, js, names := setupRun(t, StreamConfig{})
+	p, err := NewPublisher(js, WithAckTimeout(time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	subj := names.DataSubject("acts", 0, 0, 0)
+	if err := p.Publish(t.Context(), subj, "", nil, nil); !errors.Is(err, ErrInvalidOption) {
+		t.Fatalf("empty id: %v", err)
+	}
+	if err := p.Publish(t.Context(), subj, "a", nil, map[string]string{"Nats-Msg-Id": "b"}); !errors.Is(err, ErrInvalidOption) {
+		t.Fatalf("msg id header: %v", err)
+	}
+	// No stream listens here. That looks like a stream not up yet, so it is
+	// retried until ctx ends; the failure is then sticky.
+	ctx, cancel := context.WithTimeout(t.Context(), 500*time.Millisecond)
+	defer cancel()
+	err = p.Publish(ctx, "lp.nowhere.data.x", "a", []byte("x"), nil)
+	if err == nil {
+		err = p.Flush(ctx)
+	}
+	if err == nil {
+		t.Fatal("publish to a subject without stream succeeded")
+	}
+	if err2 := p.Flush(ctx); err2 == nil {
+		t.Fatal("failure is not sticky")
+	}
+	for _, opt := range []PublisherOption{WithMaxPending(0), WithAckTimeout(0), WithPublisherLogger(nil)} {
+		if _, err := NewPublisher(js, opt); !errors.Is(err, ErrInvalidOption) {
+			t.Fatalf("bad option: %v", err)
+		}
+	}
+}
