@@ -162,11 +162,15 @@ func nestedValues(name string, d arrow.ArrayData, w int) (offs []int, vals []byt
 	if d.NullN() != 0 {
 		return nil, nil, fmt.Errorf("%w: column %s holds nulls", ErrCorrupt, name)
 	}
-	kids := d.Children()
-	if len(kids) != 1 {
-		return nil, nil, fmt.Errorf("%w: column %s: malformed nested array", ErrCorrupt, name)
+	var child arrow.ArrayData
+	switch d.DataType().(type) {
+	case *arrow.ListType, *arrow.FixedSizeListType:
+		kids := d.Children()
+		if len(kids) != 1 {
+			return nil, nil, fmt.Errorf("%w: column %s: malformed nested array", ErrCorrupt, name)
+		}
+		child = kids[0]
 	}
-	child := kids[0]
 	switch t := d.DataType().(type) {
 	case *arrow.ListType:
 		bufs := d.Buffers()

@@ -281,9 +281,7 @@ func (l *TaskLoop) handle(ctx context.Context, msg jetstream.Msg) {
 
 	herr := l.runHandler(ctx, msg, t)
 	if herr == nil {
-		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.o.cfg.AckWait)
-		defer cancel()
-		if err := msg.DoubleAck(actx); err != nil {
+		if err := l.ack(ctx, msg); err != nil {
 			// The task will be redelivered; its effects are idempotent.
 			log.Warn("task done but ack failed", "err", err)
 			return
@@ -305,6 +303,26 @@ func (l *TaskLoop) handle(ctx context.Context, msg jetstream.Msg) {
 	log.Warn("task failed, nak", "err", herr, "redeliver_in", delay)
 	if err := msg.NakWithDelay(delay); err != nil {
 		log.Warn("nak failed; task comes back after AckWait", "err", err)
+	}
+}
+
+// ack acknowledges msg and waits for the server's confirmation, retrying
+// through a reconnect (the ack subject stays valid on a restarted server) for
+// at most AckWait, after which the task is redelivered anyway. It runs even if
+// ctx has ended: the work is done and should count.
+func (l *TaskLoop) ack(ctx context.Context, msg jetstream.Msg) error {
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), l.o.cfg.AckWait)
+	defer cancel()
+	wait := retryMinWait / 2
+	for {
+		err := msg.DoubleAck(actx)
+		if err == nil || !transient(err) || actx.Err() != nil {
+			return err
+		}
+		if sleepCtx(actx, wait) != nil {
+			return err
+		}
+		wait = min(2*wait, retryMaxWait)
 	}
 }
 

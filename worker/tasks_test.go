@@ -281,7 +281,9 @@ func TestWatchDeadLetters(t *testing.T) {
 	ctx, cancel := context.WithCancel(t.Context())
 	got := make(chan DeadLetter, 1)
 	done := make(chan error, 1)
-	go func() { done <- WatchDeadLetters(ctx, js, names, "teachers", func(d DeadLetter) { got <- d }, testLogger()) }()
+	go func() {
+		done <- WatchDeadLetters(ctx, js, names, "teachers", func(d DeadLetter) { got <- d }, testLogger())
+	}()
 	defer func() {
 		cancel()
 		if err := <-done; err != nil {

@@ -1,0 +1,275 @@
+// Package cache is the cache writer: it assembles the teachers' activation records from
+// JetStream into verified shard files (Arrow IPC file format) listed in a manifest, and
+// records each completed shard in the run's key-value bucket.
+//
+// The data stream is the source of truth: a shard file that fails its checksum is dropped
+// and rebuilt from the stream's records, never trained on.
+package cache
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"linearpatch/coordinator"
+	"linearpatch/model"
+	"linearpatch/shards"
+	"linearpatch/teacher"
+	"linearpatch/worker"
+)
+
+// ManifestFile is the manifest's name inside the cache directory.
+const ManifestFile = "manifest.json"
+
+// Options configure a Writer. JS, Names and Dir are required.
+type Options struct {
+	JS          jetstream.JetStream
+	Names       worker.Names
+	Dir         string // the cache directory (run directory/cache)
+	Compression shards.Compression
+	Logger      *slog.Logger
+	// Dim and Vocab of the model (from its config), for the record metadata.
+	Dim, Vocab int
+}
+
+// Writer assembles shards. Run it with Run.
+type Writer struct {
+	o    Options
+	log  *slog.Logger
+	plan *coordinator.Plan
+	fit  coordinator.FitResult
+	meta shards.Meta
+
+	mu       sync.Mutex
+	manifest *shards.Manifest
+	kv       jetstream.KeyValue
+}
+
+// NewWriter checks the options.
+func NewWriter(o Options) (*Writer, error) {
+	if o.JS == nil || o.Dir == "" || o.Dim <= 0 || o.Vocab <= 0 {
+		return nil, errors.New("cache: writer needs JetStream, a directory and the model's width and vocabulary")
+	}
+	if o.Compression == "" {
+		o.Compression = shards.CompressZstd
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	return &Writer{o: o, log: o.Logger.With("component", "cache")}, nil
+}
+
+// Manifest returns a copy of the current manifest (nil before Run loaded it).
+func (w *Writer) Manifest() *shards.Manifest {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.manifest == nil {
+		return nil
+	}
+	m := *w.manifest
+	m.Shards = append([]shards.ManifestEntry(nil), w.manifest.Shards...)
+	return &m
+}
+
+// Run waits for the run's plan and fit, verifies the shard files already on disk, then
+// assembles shards until ctx ends.
+func (w *Writer) Run(ctx context.Context) error {
+	if err := w.waitFit(ctx); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(w.o.Dir, 0o755); err != nil {
+		return fmt.Errorf("cache: %w", err)
+	}
+	asm := worker.NewAssembler(w.o.Names, string(coordinator.PhaseCache))
+	if err := w.loadManifest(ctx, asm); err != nil {
+		return err
+	}
+	return worker.Consume(ctx, w.o.JS, w.o.Names, "cache-writer", w.o.Names.DataFilter(string(coordinator.PhaseCache)),
+		func(ctx context.Context, m worker.Msg) error {
+			if !strings.HasSuffix(m.Subject, ".done") {
+				if _, err := shards.DecodeMessage(m.Data, w.meta); err != nil {
+					w.log.Warn("rejected record", "subject", m.Subject, "reason", err)
+					return m.Term()
+				}
+			}
+			outcome, a, err := asm.Add(m)
+			if err != nil {
+				w.log.Warn("rejected message", "subject", m.Subject, "reason", err)
+				return m.Term()
+			}
+			switch outcome {
+			case worker.Stale:
+				return m.Ack()
+			case worker.Completed:
+				if err := w.store(ctx, a); err != nil {
+					asm.Forget(a.Shard)
+					return err
+				}
+			}
+			return nil
+		}, worker.WithConsumeMaxDeliver(-1), worker.WithConsumeAckWait(5*time.Minute), worker.WithMaxAckPending(1<<16),
+		worker.WithConsumeLogger(w.log))
+}
+
+// Meta returns the record metadata the writer accepts.
+func (w *Writer) Meta() shards.Meta { return w.meta }
+
+func (w *Writer) waitFit(ctx context.Context) error {
+	for {
+		kv, err := w.o.JS.KeyValue(ctx, w.o.Names.KVBucket())
+		if err == nil {
+			w.kv = kv
+			var p coordinator.Plan
+			var f coordinator.FitResult
+			if err = getJSON(ctx, kv, coordinator.KeyPlan, &p); err == nil {
+				if err = getJSON(ctx, kv, coordinator.KeyFit, &f); err == nil {
+					w.plan, w.fit = &p, f
+					meta, err := teacher.CacheMeta(&p, &model.Model{Config: model.Config{Dim: w.o.Dim, Vocab: w.o.Vocab}}, f.Start, f.End)
+					if err != nil {
+						return err
+					}
+					w.meta = meta
+					return nil
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+func getJSON(ctx context.Context, kv jetstream.KeyValue, key string, v any) error {
+	e, err := kv.Get(ctx, key)
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(e.Value(), v)
+}
+
+// loadManifest reads the manifest, verifies every listed file and marks the good ones
+// complete; a file that is missing or fails its checksum is dropped from the manifest, so
+// its shard is rebuilt from the stream's records.
+func (w *Writer) loadManifest(ctx context.Context, asm *worker.Assembler) error {
+	path := filepath.Join(w.o.Dir, ManifestFile)
+	m, err := shards.LoadManifest(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		m = &shards.Manifest{Meta: w.meta}
+	case err != nil:
+		return fmt.Errorf("cache: %w", err)
+	}
+	var keep []shards.ManifestEntry
+	for _, e := range m.Shards {
+		sum, err := shards.FileSHA256(e.Path(w.o.Dir))
+		if err != nil || sum != e.SHA256 {
+			w.log.Warn("shard file fails verification; rebuilding it from the stream", "shard", e.Shard, "file", e.File, "err", err)
+			os.Remove(e.Path(w.o.Dir))
+			continue
+		}
+		keep = append(keep, e)
+		asm.MarkComplete(e.Shard)
+		if err := w.recordDone(ctx, e); err != nil {
+			return err
+		}
+	}
+	m.Shards = keep
+	m.Meta = w.meta
+	w.mu.Lock()
+	w.manifest = m
+	w.mu.Unlock()
+	return m.Save(path)
+}
+
+// store writes an assembled shard's file, adds it to the manifest and records it done,
+// then acks its messages.
+func (w *Writer) store(ctx context.Context, a *worker.Assembled) error {
+	if a.Shard < 0 || a.Shard >= len(w.plan.Cache) {
+		w.log.Warn("records of a shard the plan does not have", "shard", a.Shard)
+		for _, m := range a.Acks {
+			_ = m.Term()
+		}
+		return nil
+	}
+	spec := w.plan.Cache[a.Shard]
+	var rows []shards.Chunk
+	for _, p := range a.Parts {
+		cs, err := shards.DecodeMessage(p.Data, w.meta)
+		if err != nil {
+			return err
+		}
+		rows = append(rows, cs...)
+	}
+	if err := checkCoverage(spec, rows); err != nil {
+		w.log.Warn("shard records do not match the plan; dropped", "shard", a.Shard, "reason", err)
+		for _, m := range a.Acks {
+			_ = m.Term()
+		}
+		return nil
+	}
+	var marker coordinator.DoneMarker
+	_ = json.Unmarshal(a.Done, &marker)
+	name := fmt.Sprintf("shard-%06d.arrow", a.Shard)
+	fi, err := shards.WriteShardFile(filepath.Join(w.o.Dir, name), w.meta, rows, w.o.Compression)
+	if err != nil {
+		return err
+	}
+	entry := fi.Entry(a.Shard, string(spec.Split))
+	w.mu.Lock()
+	err = w.manifest.Add(entry)
+	if err == nil {
+		err = w.manifest.Save(filepath.Join(w.o.Dir, ManifestFile))
+	}
+	w.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := w.recordDone(ctx, entry, marker.Teacher); err != nil {
+		return err
+	}
+	for _, m := range a.Acks {
+		_ = m.Ack()
+	}
+	w.log.Debug("shard written", "shard", a.Shard, "rows", fi.Rows, "bytes", fi.Bytes)
+	return nil
+}
+
+func (w *Writer) recordDone(ctx context.Context, e shards.ManifestEntry, source ...string) error {
+	d := coordinator.ShardDone{Phase: coordinator.PhaseCache, Shard: e.Shard, Rows: e.Rows, Tokens: int64(e.Tokens),
+		Bytes: e.Bytes, SHA256: e.SHA256, File: filepath.Join(w.o.Dir, e.File)}
+	if len(source) > 0 {
+		d.Source = source[0]
+	}
+	b, _ := json.Marshal(d)
+	if _, err := w.kv.Put(ctx, coordinator.DoneKey(coordinator.PhaseCache, e.Shard), b); err != nil {
+		return fmt.Errorf("cache: record shard %d: %w", e.Shard, err)
+	}
+	return nil
+}
+
+// checkCoverage verifies that rows hold exactly the shard's windows, each whole.
+func checkCoverage(spec coordinator.Shard, rows []shards.Chunk) error {
+	tokens := map[int]int{}
+	for _, r := range rows {
+		if r.Window < spec.First || r.Window >= spec.First+spec.Windows {
+			return fmt.Errorf("window %d outside [%d, %d)", r.Window, spec.First, spec.First+spec.Windows)
+		}
+		tokens[r.Window] += r.Tokens()
+	}
+	if len(tokens) != spec.Windows {
+		return fmt.Errorf("%d windows, want %d", len(tokens), spec.Windows)
+	}
+	return nil
+}

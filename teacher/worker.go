@@ -1,0 +1,280 @@
+package teacher
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"linearpatch/coordinator"
+	"linearpatch/model"
+	"linearpatch/model/tensor"
+	"linearpatch/patch"
+	"linearpatch/shards"
+	"linearpatch/worker"
+)
+
+// Options configure a teacher Worker. NC, JS, Names and Compute are required.
+type Options struct {
+	Name    string // teacher name in progress reports (default: host-pid)
+	NC      *nats.Conn
+	JS      jetstream.JetStream
+	Names   worker.Names
+	Compute *Compute
+	// Fingerprint of the teacher's model; the worker refuses a run planned for another model.
+	Fingerprint string
+	Stream      worker.StreamConfig
+	Logger      *slog.Logger
+}
+
+// Worker pulls shard tasks and publishes their records. Run it with Run.
+type Worker struct {
+	o        Options
+	log      *slog.Logger
+	plan     *coordinator.Plan
+	calib    [][]int
+	train    [][]int
+	total    atomic.Int64
+	started  time.Time
+	maxBytes int
+}
+
+// NewWorker checks the options.
+func NewWorker(o Options) (*Worker, error) {
+	if o.NC == nil || o.JS == nil || o.Compute == nil {
+		return nil, errors.New("teacher: worker needs a connection and a model")
+	}
+	if o.Name == "" {
+		host, _ := os.Hostname()
+		o.Name = fmt.Sprintf("%s-%d", host, os.Getpid())
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	return &Worker{o: o, log: o.Logger.With("component", "teacher", "teacher", o.Name)}, nil
+}
+
+// Run waits for the run's plan, loads its token streams and serves tasks until ctx ends.
+func (w *Worker) Run(ctx context.Context) error {
+	if err := w.load(ctx); err != nil {
+		return err
+	}
+	w.started = time.Now()
+	w.maxBytes = worker.MaxPayload(w.o.NC)
+	loop, err := worker.NewTaskLoop(w.o.JS, w.o.Names, coordinator.TeacherConsumer,
+		[]string{string(coordinator.PhaseStats), string(coordinator.PhaseCache)}, w.handle,
+		worker.WithLoopConfig(w.o.Stream), worker.WithLoopLogger(w.log))
+	if err != nil {
+		return err
+	}
+	w.log.Info("teacher ready", "threads", tensor.Threads(), "calib_windows", len(w.calib), "train_windows", len(w.train))
+	return loop.Run(ctx)
+}
+
+// load reads the plan and the token streams, waiting for the coordinator to create them.
+func (w *Worker) load(ctx context.Context) error {
+	var kv jetstream.KeyValue
+	var obj jetstream.ObjectStore
+	for {
+		var err error
+		kv, err = w.o.JS.KeyValue(ctx, w.o.Names.KVBucket())
+		if err == nil {
+			var e jetstream.KeyValueEntry
+			if e, err = kv.Get(ctx, coordinator.KeyPlan); err == nil {
+				var p coordinator.Plan
+				if err := json.Unmarshal(e.Value(), &p); err != nil {
+					return fmt.Errorf("teacher: plan: %w", err)
+				}
+				w.plan = &p
+				break
+			}
+		}
+		w.log.Debug("waiting for the run's plan", "err", err)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+	if w.o.Fingerprint != "" && w.o.Fingerprint != w.plan.Settings.Fingerprint {
+		return fmt.Errorf("teacher: run %s was planned for model %s, this teacher has %s", w.plan.RunID, w.plan.Settings.Fingerprint, w.o.Fingerprint)
+	}
+	var err error
+	if obj, err = w.o.JS.ObjectStore(ctx, w.o.Names.ObjectStore()); err != nil {
+		return fmt.Errorf("teacher: object store: %w", err)
+	}
+	seq := w.plan.Settings.SeqLen
+	streams := []struct {
+		name string
+		dst  *[][]int
+	}{{coordinator.ObjCalibTokens, &w.calib}, {coordinator.ObjTrainTokens, &w.train}}
+	for _, s := range streams {
+		b, err := obj.GetBytes(ctx, s.name)
+		if errors.Is(err, jetstream.ErrObjectNotFound) && s.name == coordinator.ObjTrainTokens {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("teacher: token stream %s: %w", s.name, err)
+		}
+		ids, err := coordinator.DecodeInt32s(b)
+		if err != nil {
+			return err
+		}
+		*s.dst = model.Windows(ids, seq, 0)
+	}
+	return nil
+}
+
+// handle computes one shard and publishes its records; it returns only after every record
+// is stored by the server, so the task's ack means the shard's data is durable.
+func (w *Worker) handle(ctx context.Context, t worker.Task) error {
+	var task coordinator.Task
+	if err := json.Unmarshal(t.Payload, &task); err != nil {
+		return fmt.Errorf("teacher: task payload: %w", err)
+	}
+	pub, err := worker.NewPublisher(w.o.JS, worker.WithPublisherLogger(w.log))
+	if err != nil {
+		return err
+	}
+	began := time.Now()
+	var n int
+	var tokens int64
+	switch task.Phase {
+	case coordinator.PhaseStats:
+		n, tokens, err = w.stats(ctx, task, pub)
+	case coordinator.PhaseCache:
+		n, tokens, err = w.cache(ctx, task, pub, t.InProgress)
+	default:
+		err = fmt.Errorf("teacher: unknown phase %q", task.Phase)
+	}
+	if err != nil {
+		return err
+	}
+	marker, _ := json.Marshal(coordinator.DoneMarker{Phase: task.Phase, Shard: task.Shard, Messages: n, Tokens: tokens, Teacher: w.o.Name})
+	key := worker.DataKey{Run: w.o.Names.Run(), Phase: string(task.Phase), Shard: task.Shard, Done: true}
+	if err := pub.Publish(ctx, key.Subject(), worker.MsgID(key), marker, nil); err != nil {
+		return err
+	}
+	if err := pub.Flush(ctx); err != nil {
+		return err
+	}
+	el := time.Since(began)
+	w.log.Info("shard published", "phase", task.Phase, "shard", task.Shard, "messages", n, "tokens", tokens,
+		"tokens_per_s", fmt.Sprintf("%.0f", float64(tokens)/el.Seconds()))
+	return nil
+}
+
+func (w *Worker) windows(task coordinator.Task) ([][]int, error) {
+	src := w.train
+	if task.Phase == coordinator.PhaseStats {
+		src = w.calib
+	}
+	if task.First < 0 || task.Windows < 1 || task.First+task.Windows > len(src) {
+		return nil, fmt.Errorf("teacher: task windows [%d, %d) outside the %d windows of its stream", task.First, task.First+task.Windows, len(src))
+	}
+	return src[task.First : task.First+task.Windows], nil
+}
+
+func (w *Worker) stats(ctx context.Context, task coordinator.Task, pub *worker.Publisher) (int, int64, error) {
+	wins, err := w.windows(task)
+	if err != nil {
+		return 0, 0, err
+	}
+	s := w.plan.Settings
+	opts := patch.StatsOptions{NumPrune: s.NumPrune}
+	if NeedsGram(s.Method) {
+		opts.Gram = patch.GramAll
+	}
+	m := w.o.Compute.Model()
+	st, err := w.o.Compute.Stats(ctx, wins, task.First, s.NumPrune, opts, func(done int) {
+		w.report(task, int64(done*s.SeqLen), int64(s.SeqLen))
+	})
+	if err != nil {
+		return 0, 0, err
+	}
+	msgs, err := shards.EncodeStats(coordinator.StatsMeta(w.plan, m.Dim, m.Vocab), st, w.maxBytes)
+	if err != nil {
+		return 0, 0, err
+	}
+	for i, b := range msgs {
+		key := worker.DataKey{Run: w.o.Names.Run(), Phase: string(task.Phase), Shard: task.Shard, Window: i}
+		if err := pub.Publish(ctx, key.Subject(), worker.MsgID(key), b, nil); err != nil {
+			return 0, 0, err
+		}
+	}
+	return len(msgs), st.Tokens(), nil
+}
+
+// NeedsGram reports whether a method needs the Gram sums of the stats phase.
+func NeedsGram(method string) bool {
+	return method == string(patch.MethodLstsq) || method == "all"
+}
+
+// CacheMeta is the record metadata of a run's cache phase.
+func CacheMeta(p *coordinator.Plan, m *model.Model, start, end int) (shards.Meta, error) {
+	dt, err := shards.ParseDType(p.Settings.ActDType)
+	if err != nil {
+		return shards.Meta{}, err
+	}
+	return shards.Meta{SchemaVersion: shards.SchemaVersion, RunID: p.RunID, Fingerprint: p.Settings.Fingerprint,
+		Start: start, End: end, Dim: m.Dim, K: p.Settings.TopK, Vocab: m.Vocab, ActDType: dt, Final: p.Settings.CacheFinal}, nil
+}
+
+func (w *Worker) cache(ctx context.Context, task coordinator.Task, pub *worker.Publisher, inProgress func() error) (int, int64, error) {
+	wins, err := w.windows(task)
+	if err != nil {
+		return 0, 0, err
+	}
+	m := w.o.Compute.Model()
+	meta, err := CacheMeta(w.plan, m, task.Start, task.End)
+	if err != nil {
+		return 0, 0, err
+	}
+	per := shards.TokensPerChunk(meta, w.maxBytes)
+	if per < 1 {
+		return 0, 0, fmt.Errorf("teacher: one token of width %d does not fit the server's max payload %d", m.Dim, w.maxBytes)
+	}
+	var n int
+	var tokens int64
+	for i, ids := range wins {
+		if err := ctx.Err(); err != nil {
+			return 0, 0, err
+		}
+		rec, err := w.o.Compute.Window(ids, task.Start, meta.K, meta.Final)
+		if err != nil {
+			return 0, 0, err
+		}
+		whole := shards.Chunk{Shard: task.Shard, Window: task.First + i, Chunk: 0, Chunks: 1,
+			InputIDs: rec.InputIDs, XCut: rec.XCut, TopKIdx: rec.TopKIdx, TopKProb: rec.TopKProb, XFinal: rec.XFinal}
+		for _, c := range shards.SplitWindow(meta, whole, per) {
+			b, err := shards.EncodeMessage(meta, []shards.Chunk{c})
+			if err != nil {
+				return 0, 0, fmt.Errorf("teacher: window %d: %w", whole.Window, err)
+			}
+			key := worker.DataKey{Run: w.o.Names.Run(), Phase: string(task.Phase), Shard: task.Shard, Window: c.Window, Chunk: c.Chunk}
+			if err := pub.Publish(ctx, key.Subject(), worker.MsgID(key), b, nil); err != nil {
+				return 0, 0, err
+			}
+			n++
+		}
+		tokens += int64(len(ids))
+		w.report(task, tokens, int64(len(ids)))
+	}
+	return n, tokens, nil
+}
+
+// report publishes a progress report (core NATS, fire and forget).
+func (w *Worker) report(task coordinator.Task, shardTokens, delta int64) {
+	total := w.total.Add(delta)
+	p := coordinator.Progress{Teacher: w.o.Name, Phase: task.Phase, Shard: task.Shard, Tokens: shardTokens,
+		TotalTokens: total, TokensPerSec: float64(total) / time.Since(w.started).Seconds(), Threads: tensor.Threads()}
+	b, _ := json.Marshal(p)
+	_ = w.o.NC.Publish(coordinator.ProgressSubject(w.o.Names.Run()), b)
+}
