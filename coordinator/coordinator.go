@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -47,6 +48,36 @@ type Coordinator struct {
 	log  *slog.Logger
 	meta shards.Meta
 	fit  *FitResult
+
+	mu     sync.Mutex
+	status Status
+}
+
+// Status is a snapshot of a run's progress, safe to read from any goroutine.
+type Status struct {
+	Phase  Phase
+	Done   map[Phase]int // shards complete per phase
+	Leased map[Phase]int // shards a teacher reports working on
+	Total  map[Phase]int // shards per phase
+}
+
+// Status returns the latest snapshot.
+func (c *Coordinator) Status() Status {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.status
+}
+
+func (c *Coordinator) snapshot() {
+	st := Status{Phase: c.core.Phase(), Done: map[Phase]int{}, Leased: map[Phase]int{}, Total: map[Phase]int{}}
+	for _, ph := range []Phase{PhaseStats, PhaseCache} {
+		n := c.core.Counts(ph)
+		st.Done[ph], st.Leased[ph] = n[StatusDone], n[StatusLeased]
+		st.Total[ph] = len(c.o.Plan.Shards(ph))
+	}
+	c.mu.Lock()
+	c.status = st
+	c.mu.Unlock()
 }
 
 // StatsMeta is the record metadata of a run's stats phase.
@@ -69,9 +100,6 @@ func New(o Options, dim, vocab int) (*Coordinator, error) {
 	return &Coordinator{o: o, log: o.Logger.With("component", "coordinator", "run", o.Plan.RunID),
 		meta: StatsMeta(o.Plan, dim, vocab)}, nil
 }
-
-// Core exposes the decision state (for status reporting).
-func (c *Coordinator) Core() *Core { return c.core }
 
 // Run drives the run to its end: nil when it finished, an error when it failed or ctx ended.
 func (c *Coordinator) Run(ctx context.Context) error {
@@ -122,6 +150,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 					return fmt.Errorf("coordinator: student: %w", f.err)
 				}
 				more, err := c.perform(gctx, c.core.Step(ev), events)
+				c.snapshot()
 				if err != nil {
 					return err
 				}

@@ -334,11 +334,10 @@ func TestTokensPerChunk(t *testing.T) {
 		}
 		// Exactly n tokens fit; n+1 would not (up to the padding slack).
 		for _, tokens := range []int{n, n + 1} {
-			one := SplitWindow(m, whole, tokens)[0]
-			one.Chunks, one.InputIDs = 1, one.InputIDs[:tokens]
-			one.XCut, one.TopKIdx, one.TopKProb = one.XCut[:tokens*4096], one.TopKIdx[:tokens*50], one.TopKProb[:tokens*50]
+			one := Chunk{Chunks: 1, InputIDs: whole.InputIDs[:tokens], XCut: whole.XCut[:tokens*4096],
+				TopKIdx: whole.TopKIdx[:tokens*50], TopKProb: whole.TopKProb[:tokens*50]}
 			if tc.final {
-				one.XFinal = one.XFinal[:tokens*4096]
+				one.XFinal = whole.XFinal[:tokens*4096]
 			}
 			b, err := EncodeMessage(m, []Chunk{one})
 			if err != nil {

@@ -227,9 +227,9 @@ func cosBytes(valid bool, b []byte) []byte {
 	return b
 }
 
-func encodeRecord(schema *arrow.Schema, rec arrow.Record) ([]byte, error) {
+func encodeRecord(schema *arrow.Schema, rec arrow.Record, sizeHint int) ([]byte, error) {
 	defer rec.Release()
-	return writeStream(schema, 4096, rec)
+	return writeStream(schema, sizeHint, rec)
 }
 
 // EncodeStats encodes st as one or more self-contained Arrow IPC messages, each at most
@@ -260,7 +260,7 @@ func EncodeStats(meta Meta, st *patch.Stats, maxPayload int) ([][]byte, error) {
 
 	// Windows: rowsPer rows per message, sized from an empty message.
 	ws := statsWindowSchema(meta, extra)
-	empty, err := encodeRecord(ws, windowRecord(ws, d, nil))
+	empty, err := encodeRecord(ws, windowRecord(ws, d, nil), 4096)
 	if err != nil {
 		return nil, err
 	}
@@ -281,7 +281,7 @@ func EncodeStats(meta Meta, st *patch.Stats, maxPayload int) ([][]byte, error) {
 	}
 	var msgs [][]byte
 	for lo := 0; lo == 0 || lo < len(rows); lo += rowsPer {
-		b, err := encodeRecord(ws, windowRecord(ws, d, rows[lo:min(lo+rowsPer, len(rows))]))
+		b, err := encodeRecord(ws, windowRecord(ws, d, rows[lo:min(lo+rowsPer, len(rows))]), len(empty)+rowsPer*rowBytes+1024)
 		if err != nil {
 			return nil, err
 		}
@@ -293,7 +293,7 @@ func EncodeStats(meta Meta, st *patch.Stats, maxPayload int) ([][]byte, error) {
 		return msgs, nil
 	}
 	gs := statsGramSchema(meta, extra)
-	empty, err = encodeRecord(gs, gramRecord(gs, d, gramRow{}))
+	empty, err = encodeRecord(gs, gramRecord(gs, d, gramRow{}), 4096)
 	if err != nil {
 		return nil, err
 	}
@@ -305,7 +305,7 @@ func EncodeStats(meta Meta, st *patch.Stats, maxPayload int) ([][]byte, error) {
 		g := st.Gram[i]
 		for lo := 0; lo < d; lo += blockRows {
 			hi := min(d, lo+blockRows)
-			b, err := encodeRecord(gs, gramRecord(gs, d, gramRow{start: i, rowLo: lo, tokens: g.Tokens, xtx: g.XtX[lo*d : hi*d], xty: g.XtY[lo*d : hi*d]}))
+			b, err := encodeRecord(gs, gramRecord(gs, d, gramRow{start: i, rowLo: lo, tokens: g.Tokens, xtx: g.XtX[lo*d : hi*d], xty: g.XtY[lo*d : hi*d]}), len(empty)+blockRows*16*d+1024)
 			if err != nil {
 				return nil, err
 			}

@@ -34,20 +34,22 @@ func linearNode(name string, x *gorgonia.Node, ws []*tensor.Matrix, bias [][]flo
 		}
 		out += w.Rows
 	}
-	back := &op{
-		name: name + ".backward", typ: unary, arity: 1,
-		shape: func(s []gtensor.Shape) (gtensor.Shape, error) {
-			n, err := matShape(name+".backward", s[0], out)
-			return gtensor.Shape{n, in}, err
-		},
-		run: func(o []float32, v []gorgonia.Value) error {
-			dy, err := floats(v[0])
-			if err != nil {
-				return err
-			}
-			linearBackward(o, dy, len(dy)/out, ws)
-			return nil
-		},
+	back := func() *op { // a fresh op (and output buffer) per gradient node
+		return &op{
+			name: name + ".backward", typ: unary, arity: 1,
+			shape: func(s []gtensor.Shape) (gtensor.Shape, error) {
+				n, err := matShape(name+".backward", s[0], out)
+				return gtensor.Shape{n, in}, err
+			},
+			run: func(o []float32, v []gorgonia.Value) error {
+				dy, err := floats(v[0])
+				if err != nil {
+					return err
+				}
+				linearBackward(o, dy, len(dy)/out, ws)
+				return nil
+			},
+		}
 	}
 	fwd := &op{
 		name: name, typ: unary, arity: 1, wrt: []bool{true},
@@ -64,7 +66,7 @@ func linearNode(name string, x *gorgonia.Node, ws []*tensor.Matrix, bias [][]flo
 			return nil
 		},
 		diff: func(in gorgonia.Nodes, _, grad *gorgonia.Node) (gorgonia.Nodes, error) {
-			dx, err := gorgonia.ApplyOp(back, grad)
+			dx, err := gorgonia.ApplyOp(back(), grad)
 			return nodes(dx), err
 		},
 	}
@@ -81,16 +83,18 @@ func rmsNormNode(name string, x *gorgonia.Node, w []float32, eps float32) (*gorg
 		_, err := matShape(name, s[0], d)
 		return s[0].Clone(), err
 	}
-	back := &op{
-		name: name + ".backward", typ: binary, arity: 2, shape: same,
-		run: func(o []float32, v []gorgonia.Value) error {
-			f, err := inputs(v)
-			if err != nil {
-				return err
-			}
-			rmsNormBackward(o, f[0], f[1], w, eps)
-			return nil
-		},
+	back := func() *op { // a fresh op (and output buffer) per gradient node
+		return &op{
+			name: name + ".backward", typ: binary, arity: 2, shape: same,
+			run: func(o []float32, v []gorgonia.Value) error {
+				f, err := inputs(v)
+				if err != nil {
+					return err
+				}
+				rmsNormBackward(o, f[0], f[1], w, eps)
+				return nil
+			},
+		}
 	}
 	fwd := &op{
 		name: name, typ: unary, arity: 1, wrt: []bool{true}, shape: same,
@@ -103,7 +107,7 @@ func rmsNormNode(name string, x *gorgonia.Node, w []float32, eps float32) (*gorg
 			return nil
 		},
 		diff: func(in gorgonia.Nodes, _, grad *gorgonia.Node) (gorgonia.Nodes, error) {
-			dx, err := gorgonia.ApplyOp(back, in[0], grad)
+			dx, err := gorgonia.ApplyOp(back(), in[0], grad)
 			return nodes(dx), err
 		},
 	}
@@ -120,16 +124,18 @@ func ropeNode(name string, x *gorgonia.Node, width, heads, T int, tab *ropeTable
 		}
 		return s[0].Clone(), err
 	}
-	back := &op{
-		name: name + ".backward", typ: unary, arity: 1, shape: same,
-		run: func(o []float32, v []gorgonia.Value) error {
-			dy, err := floats(v[0])
-			if err != nil {
-				return err
-			}
-			ropeBackward(o, dy, width, heads, T, tab)
-			return nil
-		},
+	back := func() *op { // a fresh op (and output buffer) per gradient node
+		return &op{
+			name: name + ".backward", typ: unary, arity: 1, shape: same,
+			run: func(o []float32, v []gorgonia.Value) error {
+				dy, err := floats(v[0])
+				if err != nil {
+					return err
+				}
+				ropeBackward(o, dy, width, heads, T, tab)
+				return nil
+			},
+		}
 	}
 	fwd := &op{
 		name: name, typ: unary, arity: 1, wrt: []bool{true}, shape: same,
@@ -142,7 +148,7 @@ func ropeNode(name string, x *gorgonia.Node, width, heads, T int, tab *ropeTable
 			return nil
 		},
 		diff: func(in gorgonia.Nodes, _, grad *gorgonia.Node) (gorgonia.Nodes, error) {
-			dx, err := gorgonia.ApplyOp(back, grad)
+			dx, err := gorgonia.ApplyOp(back(), grad)
 			return nodes(dx), err
 		},
 	}
@@ -159,29 +165,31 @@ func attentionNode(name string, qkv *gorgonia.Node, a attnShape) (*gorgonia.Node
 		}
 		return n, err
 	}
-	back := &op{
-		name: name + ".backward", typ: ternary, arity: 3,
-		shape: func(s []gtensor.Shape) (gtensor.Shape, error) {
-			n, err := rows(s[0], W)
-			if err != nil {
-				return nil, err
-			}
-			if err := sameShapes(name, s[1:]); err != nil {
-				return nil, err
-			}
-			if m, err := rows(s[1], OW); err != nil || m != n {
-				return nil, fmt.Errorf("student: %s: shapes %v", name, s)
-			}
-			return s[0].Clone(), nil
-		},
-		run: func(o []float32, v []gorgonia.Value) error {
-			f, err := inputs(v)
-			if err != nil {
-				return err
-			}
-			attentionBackward(o, f[0], f[1], f[2], a)
-			return nil
-		},
+	back := func() *op { // a fresh op (and output buffer) per gradient node
+		return &op{
+			name: name + ".backward", typ: ternary, arity: 3,
+			shape: func(s []gtensor.Shape) (gtensor.Shape, error) {
+				n, err := rows(s[0], W)
+				if err != nil {
+					return nil, err
+				}
+				if err := sameShapes(name, s[1:]); err != nil {
+					return nil, err
+				}
+				if m, err := rows(s[1], OW); err != nil || m != n {
+					return nil, fmt.Errorf("student: %s: shapes %v", name, s)
+				}
+				return s[0].Clone(), nil
+			},
+			run: func(o []float32, v []gorgonia.Value) error {
+				f, err := inputs(v)
+				if err != nil {
+					return err
+				}
+				attentionBackward(o, f[0], f[1], f[2], a)
+				return nil
+			},
+		}
 	}
 	fwd := &op{
 		name: name, typ: unary, arity: 1, wrt: []bool{true},
@@ -198,7 +206,7 @@ func attentionNode(name string, qkv *gorgonia.Node, a attnShape) (*gorgonia.Node
 			return nil
 		},
 		diff: func(in gorgonia.Nodes, out, grad *gorgonia.Node) (gorgonia.Nodes, error) {
-			dx, err := gorgonia.ApplyOp(back, in[0], out, grad)
+			dx, err := gorgonia.ApplyOp(back(), in[0], out, grad)
 			return nodes(dx), err
 		},
 	}
@@ -207,26 +215,28 @@ func attentionNode(name string, qkv *gorgonia.Node, a attnShape) (*gorgonia.Node
 
 // swigluNode applies silu(gate)·up to rows laid out [gate | up] of width 2f.
 func swigluNode(name string, gu *gorgonia.Node, f int) (*gorgonia.Node, error) {
-	back := &op{
-		name: name + ".backward", typ: binary, arity: 2,
-		shape: func(s []gtensor.Shape) (gtensor.Shape, error) {
-			n, err := matShape(name, s[0], 2*f)
-			if err != nil {
-				return nil, err
-			}
-			if m, err := matShape(name, s[1], f); err != nil || m != n {
-				return nil, fmt.Errorf("student: %s: shapes %v", name, s)
-			}
-			return s[0].Clone(), nil
-		},
-		run: func(o []float32, v []gorgonia.Value) error {
-			x, err := inputs(v)
-			if err != nil {
-				return err
-			}
-			swigluBackward(o, x[0], x[1], f)
-			return nil
-		},
+	back := func() *op { // a fresh op (and output buffer) per gradient node
+		return &op{
+			name: name + ".backward", typ: binary, arity: 2,
+			shape: func(s []gtensor.Shape) (gtensor.Shape, error) {
+				n, err := matShape(name, s[0], 2*f)
+				if err != nil {
+					return nil, err
+				}
+				if m, err := matShape(name, s[1], f); err != nil || m != n {
+					return nil, fmt.Errorf("student: %s: shapes %v", name, s)
+				}
+				return s[0].Clone(), nil
+			},
+			run: func(o []float32, v []gorgonia.Value) error {
+				x, err := inputs(v)
+				if err != nil {
+					return err
+				}
+				swigluBackward(o, x[0], x[1], f)
+				return nil
+			},
+		}
 	}
 	fwd := &op{
 		name: name, typ: unary, arity: 1, wrt: []bool{true},
@@ -243,7 +253,7 @@ func swigluNode(name string, gu *gorgonia.Node, f int) (*gorgonia.Node, error) {
 			return nil
 		},
 		diff: func(in gorgonia.Nodes, _, grad *gorgonia.Node) (gorgonia.Nodes, error) {
-			dx, err := gorgonia.ApplyOp(back, in[0], grad)
+			dx, err := gorgonia.ApplyOp(back(), in[0], grad)
 			return nodes(dx), err
 		},
 	}
@@ -266,30 +276,32 @@ func gatherHeadNode(name string, h, idx *gorgonia.Node, w *tensor.Matrix, k int)
 		}
 		return ix, nil
 	}
-	back := &op{
-		name: name + ".backward", typ: gatherType, arity: 2,
-		shape: func(s []gtensor.Shape) (gtensor.Shape, error) {
-			n, err := matShape(name, s[0], k)
-			if err != nil {
-				return nil, err
-			}
-			if !s[1].Eq(s[0]) {
-				return nil, fmt.Errorf("student: %s: shapes %v", name, s)
-			}
-			return gtensor.Shape{n, d}, nil
-		},
-		run: func(o []float32, v []gorgonia.Value) error {
-			dz, err := floats(v[0])
-			if err != nil {
-				return err
-			}
-			ix, err := check(v[1])
-			if err != nil {
-				return err
-			}
-			gatherBackward(o, dz, ix, w, k)
-			return nil
-		},
+	back := func() *op { // a fresh op (and output buffer) per gradient node
+		return &op{
+			name: name + ".backward", typ: gatherType, arity: 2,
+			shape: func(s []gtensor.Shape) (gtensor.Shape, error) {
+				n, err := matShape(name, s[0], k)
+				if err != nil {
+					return nil, err
+				}
+				if !s[1].Eq(s[0]) {
+					return nil, fmt.Errorf("student: %s: shapes %v", name, s)
+				}
+				return gtensor.Shape{n, d}, nil
+			},
+			run: func(o []float32, v []gorgonia.Value) error {
+				dz, err := floats(v[0])
+				if err != nil {
+					return err
+				}
+				ix, err := check(v[1])
+				if err != nil {
+					return err
+				}
+				gatherBackward(o, dz, ix, w, k)
+				return nil
+			},
+		}
 	}
 	fwd := &op{
 		name: name, typ: gatherType, arity: 2, wrt: []bool{true, false},
@@ -316,7 +328,7 @@ func gatherHeadNode(name string, h, idx *gorgonia.Node, w *tensor.Matrix, k int)
 			return nil
 		},
 		diff: func(in gorgonia.Nodes, _, grad *gorgonia.Node) (gorgonia.Nodes, error) {
-			dh, err := gorgonia.ApplyOp(back, grad, in[1])
+			dh, err := gorgonia.ApplyOp(back(), grad, in[1])
 			return nodes(dh, nil), err
 		},
 	}
@@ -344,26 +356,28 @@ func mseNode(name string, y, t *gorgonia.Node) (*gorgonia.Node, error) {
 func scalarLossNode(name string, x, target *gorgonia.Node,
 	forward func(x, t []float32, k int) float64,
 	backward func(dx, x, t []float32, k int, g float32)) (*gorgonia.Node, error) {
-	back := &op{
-		name: name + ".backward", typ: func() hm.Type { return hm.NewFnType(matF32, matF32, scaF32, matF32) }, arity: 3,
-		shape: func(s []gtensor.Shape) (gtensor.Shape, error) {
-			if err := sameShapes(name, s[:2]); err != nil {
-				return nil, err
-			}
-			return s[0].Clone(), nil
-		},
-		run: func(o []float32, v []gorgonia.Value) error {
-			f, err := inputs(v[:2])
-			if err != nil {
-				return err
-			}
-			g, err := scalar(v[2])
-			if err != nil {
-				return err
-			}
-			backward(o, f[0], f[1], v[0].Shape()[1], g)
-			return nil
-		},
+	back := func() *op { // a fresh op (and output buffer) per gradient node
+		return &op{
+			name: name + ".backward", typ: func() hm.Type { return hm.NewFnType(matF32, matF32, scaF32, matF32) }, arity: 3,
+			shape: func(s []gtensor.Shape) (gtensor.Shape, error) {
+				if err := sameShapes(name, s[:2]); err != nil {
+					return nil, err
+				}
+				return s[0].Clone(), nil
+			},
+			run: func(o []float32, v []gorgonia.Value) error {
+				f, err := inputs(v[:2])
+				if err != nil {
+					return err
+				}
+				g, err := scalar(v[2])
+				if err != nil {
+					return err
+				}
+				backward(o, f[0], f[1], v[0].Shape()[1], g)
+				return nil
+			},
+		}
 	}
 	fwd := &op{
 		name: name, typ: func() hm.Type { return hm.NewFnType(matF32, matF32, scaF32) }, arity: 2, wrt: []bool{true, false},
@@ -379,7 +393,7 @@ func scalarLossNode(name string, x, target *gorgonia.Node,
 			return nil
 		},
 		diff: func(in gorgonia.Nodes, _, grad *gorgonia.Node) (gorgonia.Nodes, error) {
-			dx, err := gorgonia.ApplyOp(back, in[0], in[1], grad)
+			dx, err := gorgonia.ApplyOp(back(), in[0], in[1], grad)
 			return nodes(dx, nil), err
 		},
 	}

@@ -116,8 +116,9 @@ type Suffix struct {
 
 // NewSuffix returns the suffix of m after the cut at layer end with P initialized to a copy
 // of p0 (nil: the identity). m must hold layers end..L−1 and, except for LossMSE, the final
-// norm and the head; its other layers may be nil. The graph for opts.Batch windows is built
-// at once. Errors wrap ErrOptions, ErrModel or ErrGraph.
+// norm and the head; its other layers may be nil. Layer indices are the unpruned model's;
+// m.Patch, if any, is ignored (P is the suffix's own). The graph for opts.Batch windows is
+// built at once. Errors wrap ErrOptions, ErrModel or ErrGraph.
 func NewSuffix(m *model.Model, end int, p0 *tensor.Matrix, opts SuffixOptions) (*Suffix, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err

@@ -166,7 +166,7 @@ func (w *Worker) handle(ctx context.Context, t worker.Task) error {
 		return err
 	}
 	el := time.Since(began)
-	w.log.Info("shard published", "phase", task.Phase, "shard", task.Shard, "messages", n, "tokens", tokens,
+	w.log.Debug("shard published", "phase", task.Phase, "shard", task.Shard, "messages", n, "tokens", tokens,
 		"tokens_per_s", fmt.Sprintf("%.0f", float64(tokens)/el.Seconds()))
 	return nil
 }

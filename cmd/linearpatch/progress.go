@@ -1,6 +1,9 @@
 package main
 
 import (
+	"context"
+
+	"linearpatch/coordinator"
 	"log/slog"
 	"os"
 	"sync"
@@ -64,4 +67,61 @@ func (p *progress) Finish() {
 		_ = p.bar.Finish()
 	}
 	slog.Info(p.desc+" done", p.unit, p.done, "elapsed", time.Since(p.start).Round(time.Millisecond))
+}
+
+// phaseBars shows a progress bar per phase of a run, polling the coordinator's status.
+type phaseBars struct {
+	coord *coordinator.Coordinator
+	plan  *coordinator.Plan
+	bars  map[coordinator.Phase]*progress
+	ended map[coordinator.Phase]bool
+}
+
+func newPhaseBars(c *coordinator.Coordinator, p *coordinator.Plan) *phaseBars {
+	return &phaseBars{coord: c, plan: p, bars: map[coordinator.Phase]*progress{}, ended: map[coordinator.Phase]bool{}}
+}
+
+func (b *phaseBars) run(ctx context.Context) {
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			b.update()
+		}
+	}
+}
+
+func (b *phaseBars) update() {
+	st := b.coord.Status()
+	for _, ph := range []coordinator.Phase{coordinator.PhaseStats, coordinator.PhaseCache} {
+		total := len(b.plan.Shards(ph))
+		if total == 0 || st.Done == nil || b.ended[ph] {
+			continue
+		}
+		if ph == coordinator.PhaseCache && st.Phase == coordinator.PhaseStats {
+			continue
+		}
+		bar := b.bars[ph]
+		if bar == nil {
+			bar = newProgress(string(ph)+" phase", "shards", total)
+			b.bars[ph] = bar
+		}
+		bar.Set(st.Done[ph])
+		if st.Done[ph] == total {
+			bar.Finish()
+			b.ended[ph] = true
+		}
+	}
+}
+
+func (b *phaseBars) finish() {
+	b.update()
+	for ph, bar := range b.bars {
+		if !b.ended[ph] {
+			bar.Finish()
+		}
+	}
 }

@@ -1,0 +1,376 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+
+	"linearpatch/cache"
+	"linearpatch/coordinator"
+	"linearpatch/model"
+	"linearpatch/model/tensor"
+	"linearpatch/patch"
+	"linearpatch/shards"
+	"linearpatch/teacher"
+	"linearpatch/worker"
+)
+
+func newRunCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "run --model PATH --calib FILE --train FILE --num-prune n --out DIR",
+		Short: "Run the whole pipeline: stats → training-free patch → activation cache (→ student) → export",
+		Long: `Run the pipeline in one process: an embedded NATS server (or --nats), the coordinator,
+--teachers teacher workers and the cache writer. The stats phase computes the calibration
+statistics of prune over the same windows, sharded over the teachers, and fits the
+training-free patch; the cache phase stores, for every window of --train, the hidden state
+entering the cut and the teacher's top-k targets as Arrow shard files. Flags mirror prune.
+
+State lives in --run-dir (default: DIR.run): re-running the same command resumes the run
+from its shard checkpoints.`,
+		Args: cobra.NoArgs,
+		RunE: runRun,
+	}
+	addPruneFlags(cmd)
+	addRunFlags(cmd)
+	addNATSFlags(cmd)
+	cmd.Flags().Int("teachers", 2, "teacher workers in this process (0: rely on external `linearpatch teacher` processes)")
+	return cmd
+}
+
+// addRunFlags declares the pipeline settings shared by run and coordinator.
+func addRunFlags(cmd *cobra.Command) {
+	f := cmd.Flags()
+	f.String("train", "", "distillation data: text or JSON Lines (the last 5% of its windows are held out for validation)")
+	f.Int("shard-windows", 32, "windows per shard")
+	f.Int("top-k", 50, "teacher top-k targets per token")
+	f.String("act-dtype", "float16", "cached activation dtype: float16, bfloat16 or float32")
+	f.Bool("cache-final", false, "also cache the last layer's output X_L (for full-kl and mse losses)")
+	f.String("compression", "zstd", "shard file compression: zstd, lz4 or none")
+	f.String("run-dir", "", "run state directory (default: --out with .run appended)")
+	f.Duration("lease", 30*time.Second, "a shard counts as leased this long after its teacher's last report")
+}
+
+// runSetup is what run and coordinator share: the resolved spec, the model's config, the
+// plan and the run directory.
+type runSetup struct {
+	spec   pruneSpec
+	cfg    model.Config
+	plan   *coordinator.Plan
+	calib  []int
+	train  []int
+	runDir string
+}
+
+func prepareRun(s settings) (*runSetup, error) {
+	spec, err := pruneSpecFrom(s)
+	if err != nil && !(strings.Contains(err.Error(), "already exists") && s.str("out") != "") {
+		return nil, err
+	}
+	if spec.all {
+		return nil, errors.New("--method all is for prune; run distills one patch: choose rotate, diag, lstsq or none")
+	}
+	if _, err := shards.ParseDType(s.str("act-dtype")); err != nil {
+		return nil, err
+	}
+	if _, err := shards.ParseCompression(s.str("compression")); err != nil {
+		return nil, err
+	}
+	cfg, err := model.ReadModelConfig(spec.modelPath)
+	if err != nil {
+		return nil, err
+	}
+	L := cfg.Layers
+	if spec.numPrune >= L-1 && !spec.allowEdges || spec.numPrune >= L {
+		return nil, fmt.Errorf("--num-prune %d: the model has %d layers; at most %d can be pruned (%d with --allow-edges)", spec.numPrune, L, max(L-2, 0), L-1)
+	}
+	if teacher.NeedsGram(string(spec.methods[0])) {
+		if gb := int64(L-spec.numPrune+1) * 2 * int64(cfg.Dim) * int64(cfg.Dim) * 8; gb > 1<<30 {
+			return nil, fmt.Errorf("--method lstsq: the Gram sums of every candidate block need %d MiB; use prune for this model", gb>>20)
+		}
+	}
+	if string(spec.methods[0]) == string(patch.MethodRotate) && !patch.SupportedHadamard(cfg.Dim) {
+		_, err := patch.NewHadamard(cfg.Dim)
+		return nil, err
+	}
+	fp, err := model.Fingerprint(spec.modelPath)
+	if err != nil {
+		return nil, err
+	}
+	calib, err := loadStream(spec.modelPath, spec.calib, cfg.Vocab)
+	if err != nil {
+		return nil, err
+	}
+	var train []int
+	if s.str("train") != "" {
+		if train, err = loadStream(spec.modelPath, s.str("train"), cfg.Vocab); err != nil {
+			return nil, err
+		}
+	}
+	set := coordinator.Settings{
+		Model: spec.modelPath, Fingerprint: fp, Calib: spec.calib, CalibWindows: spec.calibWindows, Train: s.str("train"),
+		SeqLen: spec.seqLen, NumPrune: spec.numPrune, Method: string(spec.methods[0]), Ridge: spec.ridge,
+		AllowEdges: spec.allowEdges, ShardWindows: s.num("shard-windows"), TopK: s.num("top-k"),
+		ActDType: s.str("act-dtype"), CacheFinal: s.flag("cache-final"), ValidFrac: 0.05,
+	}
+	if set.TopK > cfg.Vocab {
+		return nil, fmt.Errorf("--top-k %d exceeds the vocabulary (%d)", set.TopK, cfg.Vocab)
+	}
+	plan, err := coordinator.NewPlan(set, len(calib)/spec.seqLen, len(train)/spec.seqLen)
+	if err != nil {
+		return nil, err
+	}
+	runDir := s.str("run-dir")
+	if runDir == "" {
+		runDir = strings.TrimSuffix(filepath.Clean(spec.out), "/") + ".run"
+	}
+	if err := os.MkdirAll(runDir, 0o755); err != nil {
+		return nil, err
+	}
+	return &runSetup{spec: spec, cfg: cfg, plan: plan, calib: calib, train: train, runDir: runDir}, nil
+}
+
+// publishPlan stores the plan and the token streams (first run) or checks that the stored
+// plan is this one (resume).
+func publishPlan(ctx context.Context, js jetstream.JetStream, names worker.Names, rs *runSetup) error {
+	kv, err := js.KeyValue(ctx, names.KVBucket())
+	if err != nil {
+		return err
+	}
+	b, _ := json.Marshal(rs.plan)
+	if e, err := kv.Get(ctx, coordinator.KeyPlan); err == nil {
+		var stored coordinator.Plan
+		if err := json.Unmarshal(e.Value(), &stored); err != nil {
+			return fmt.Errorf("stored plan: %w", err)
+		}
+		if stored.RunID != rs.plan.RunID {
+			return fmt.Errorf("the run directory holds run %s, these settings make run %s: use another --run-dir", stored.RunID, rs.plan.RunID)
+		}
+		slog.Info("resuming run", "run", rs.plan.RunID)
+		return nil
+	}
+	obj, err := js.ObjectStore(ctx, names.ObjectStore())
+	if err != nil {
+		return err
+	}
+	if _, err := obj.PutBytes(ctx, coordinator.ObjCalibTokens, coordinator.EncodeInt32s(rs.calib)); err != nil {
+		return err
+	}
+	if rs.train != nil {
+		if _, err := obj.PutBytes(ctx, coordinator.ObjTrainTokens, coordinator.EncodeInt32s(rs.train)); err != nil {
+			return err
+		}
+	}
+	if _, err := kv.Create(ctx, coordinator.KeyPlan, b); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+		return err
+	}
+	slog.Info("new run", "run", rs.plan.RunID, "stats_shards", len(rs.plan.Stats), "cache_shards", len(rs.plan.Cache),
+		"train_windows", rs.plan.TrainWindows, "valid_windows", rs.plan.ValidWindows)
+	return nil
+}
+
+// runResult is run's JSON output.
+type runResult struct {
+	RunID  string             `json:"run_id"`
+	RunDir string             `json:"run_dir"`
+	Start  int                `json:"start"`
+	End    int                `json:"end"`
+	Method string             `json:"method"`
+	Cosine []float64          `json:"cosine"`
+	Scale  []float64          `json:"scale,omitempty"`
+	Out    string             `json:"out"`
+	Cache  *cacheSummary      `json:"cache,omitempty"`
+	PPL    map[string]float64 `json:"ppl,omitempty"`
+	Secs   float64            `json:"seconds"`
+}
+
+type cacheSummary struct {
+	Dir           string  `json:"dir"`
+	Shards        int     `json:"shards"`
+	Windows       int     `json:"windows"`
+	Tokens        int     `json:"tokens"`
+	Bytes         int64   `json:"bytes"`
+	BytesPerToken float64 `json:"bytes_per_token"`
+	TrainWindows  int     `json:"train_windows"`
+	ValidWindows  int     `json:"valid_windows"`
+	ActDType      string  `json:"act_dtype"`
+	TopK          int     `json:"top_k"`
+}
+
+func runRun(cmd *cobra.Command, _ []string) error {
+	s, err := resolve(cmd)
+	if err != nil {
+		return err
+	}
+	began := time.Now()
+	rs, err := prepareRun(s)
+	if err != nil {
+		return err
+	}
+	if _, err := os.Stat(rs.spec.out); err == nil {
+		return fmt.Errorf("%s already exists; remove it or choose another --out", rs.spec.out)
+	}
+	ctx := cmd.Context()
+	conn, err := connectNATS(ctx, s, rs.runDir, true, "linearpatch-run")
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	names, err := worker.NewNames(rs.plan.RunID)
+	if err != nil {
+		return err
+	}
+	if err := worker.Setup(ctx, conn.js, names, streamConfig(s)); err != nil {
+		return err
+	}
+	if err := publishPlan(ctx, conn.js, names, rs); err != nil {
+		return err
+	}
+
+	var m *model.Model
+	nTeachers := s.num("teachers")
+	if nTeachers > 0 {
+		if m, err = model.Load(rs.spec.modelPath); err != nil {
+			return err
+		}
+	}
+	var fit coordinator.FitResult
+	coord, err := coordinator.New(coordinator.Options{Plan: rs.plan, NC: conn.nc, JS: conn.js, Names: names,
+		RunDir: rs.runDir, Lease: s.v.GetDuration("lease"), OnFit: func(f coordinator.FitResult) { fit = f }}, rs.cfg.Dim, rs.cfg.Vocab)
+	if err != nil {
+		return err
+	}
+	writer, err := cache.NewWriter(cache.Options{JS: conn.js, Names: names, Dir: filepath.Join(rs.runDir, "cache"),
+		Compression: shards.Compression(s.str("compression")), Dim: rs.cfg.Dim, Vocab: rs.cfg.Vocab})
+	if err != nil {
+		return err
+	}
+
+	bg, bgctx := errgroup.WithContext(ctx)
+	workCtx, stopWork := context.WithCancel(bgctx)
+	defer stopWork()
+	for i := range nTeachers {
+		comp, err := teacher.NewCompute(m)
+		if err != nil {
+			return err
+		}
+		tw, err := teacher.NewWorker(teacher.Options{Name: fmt.Sprintf("local-%d", i), NC: conn.nc, JS: conn.js, Names: names,
+			Compute: comp, Stream: streamConfig(s)})
+		if err != nil {
+			return err
+		}
+		bg.Go(func() error { return ignoreCanceled(tw.Run(workCtx)) })
+	}
+	if rs.plan.Cache != nil {
+		bg.Go(func() error { return ignoreCanceled(writer.Run(workCtx)) })
+	}
+	bar := newPhaseBars(coord, rs.plan)
+	bg.Go(func() error { bar.run(workCtx); return nil })
+	runErr := coord.Run(bgctx)
+	stopWork()
+	if err := bg.Wait(); err != nil && runErr == nil {
+		runErr = err
+	}
+	bar.finish()
+	if runErr != nil {
+		return runErr
+	}
+
+	res := runResult{RunID: rs.plan.RunID, RunDir: rs.runDir, Start: fit.Start, End: fit.End, Method: fit.Method,
+		Cosine: fit.Cosine, Scale: fit.Scale, Out: rs.spec.out}
+	if mf := writer.Manifest(); mf != nil && rs.plan.Cache != nil {
+		res.Cache = summarize(mf, filepath.Join(rs.runDir, "cache"), rs.plan)
+	}
+	if err := exportTrainingFree(ctx, conn.js, names, rs, fit, m); err != nil {
+		return err
+	}
+	res.Secs = time.Since(began).Seconds()
+	printRunSummary(cmd.OutOrStdout(), res)
+	if rs.spec.json {
+		return json.NewEncoder(cmd.OutOrStdout()).Encode(res)
+	}
+	return nil
+}
+
+func ignoreCanceled(err error) error {
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+func summarize(mf *shards.Manifest, dir string, p *coordinator.Plan) *cacheSummary {
+	cs := &cacheSummary{Dir: dir, Shards: len(mf.Shards), TrainWindows: p.TrainWindows, ValidWindows: p.ValidWindows,
+		ActDType: string(mf.Meta.ActDType), TopK: mf.Meta.K}
+	for _, e := range mf.Shards {
+		cs.Windows += e.Windows
+		cs.Tokens += e.Tokens
+		cs.Bytes += e.Bytes
+	}
+	if cs.Tokens > 0 {
+		cs.BytesPerToken = float64(cs.Bytes) / float64(cs.Tokens)
+	}
+	return cs
+}
+
+// exportTrainingFree writes the training-free patched model to --out.
+func exportTrainingFree(ctx context.Context, js jetstream.JetStream, names worker.Names, rs *runSetup, fit coordinator.FitResult, m *model.Model) error {
+	if m == nil {
+		var err error
+		if m, err = model.Load(rs.spec.modelPath); err != nil {
+			return err
+		}
+	}
+	var P *tensor.Matrix
+	if fit.HasP {
+		obj, err := js.ObjectStore(ctx, names.ObjectStore())
+		if err != nil {
+			return err
+		}
+		b, err := obj.GetBytes(ctx, coordinator.ObjPatch0)
+		if err != nil {
+			return fmt.Errorf("training-free patch: %w", err)
+		}
+		v, err := coordinator.DecodeFloat32s(b)
+		if err != nil {
+			return err
+		}
+		P = tensor.FromData(m.Dim, m.Dim, v)
+	}
+	rec := patch.Record{
+		Source: patch.SourceModel{Path: rs.spec.modelPath, Fingerprint: rs.plan.Settings.Fingerprint, Layers: m.Config.Layers, Dim: m.Dim},
+		Start:  fit.Start, End: fit.End, Method: fit.Method, Scale: fit.Scale, Cosine: fit.Cosine, Ridge: rs.spec.ridge,
+		Calibration: patch.Calibration{File: rs.spec.calib, Windows: rs.plan.CalibWindows, SeqLen: rs.spec.seqLen, Tokens: fit.Tokens},
+		Extra:       map[string]any{"run_id": rs.plan.RunID},
+	}
+	return patch.Export(rs.spec.out, m, P, rec)
+}
+
+func printRunSummary(w io.Writer, r runResult) {
+	fmt.Fprintf(w, "run %s (state in %s) finished in %.1fs\n\n", r.RunID, r.RunDir, r.Secs)
+	fmt.Fprintf(w, "training-free patch: block [%d, %d), method %s\n\n", r.Start, r.End, r.Method)
+	fmt.Fprintln(w, "| start | cosine |")
+	fmt.Fprintln(w, "|---:|---:|")
+	for i, c := range r.Cosine {
+		mark := ""
+		if i == r.Start {
+			mark = " ←"
+		}
+		fmt.Fprintf(w, "| %d | %.6f%s |\n", i, c, mark)
+	}
+	if c := r.Cache; c != nil {
+		fmt.Fprintf(w, "\ncache: %d shards in %s — %d windows (%d train, %d validation), %d tokens, %.1f MiB, %.1f B/token (activations %s, top-%d targets)\n",
+			c.Shards, c.Dir, c.Windows, c.TrainWindows, c.ValidWindows, c.Tokens, float64(c.Bytes)/(1<<20), c.BytesPerToken, c.ActDType, c.TopK)
+	}
+	fmt.Fprintf(w, "\nmodel written to %s\n", r.Out)
+}
