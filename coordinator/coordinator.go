@@ -53,13 +53,31 @@ type Coordinator struct {
 	status Status
 }
 
-// Status is a snapshot of a run's progress, safe to read from any goroutine.
+// Status is a snapshot of a run's progress, safe to read from any goroutine. The
+// coordinator also stores it under the KV key "status" every few seconds for
+// `linearpatch status`.
 type Status struct {
-	Phase  Phase
-	Done   map[Phase]int // shards complete per phase
-	Leased map[Phase]int // shards a teacher reports working on
-	Total  map[Phase]int // shards per phase
+	Run      string                   `json:"run"`
+	Phase    Phase                    `json:"phase"`
+	Done     map[Phase]int            `json:"done"`     // shards complete per phase
+	Leased   map[Phase]int            `json:"leased"`   // shards a teacher reports working on
+	Total    map[Phase]int            `json:"total"`    // shards per phase
+	Teachers map[string]TeacherStatus `json:"teachers"` // by teacher name
+	Updated  time.Time                `json:"updated"`
 }
+
+// TeacherStatus is what the coordinator last heard from a teacher.
+type TeacherStatus struct {
+	Phase        Phase     `json:"phase"`
+	Shard        int       `json:"shard"`
+	TokensPerSec float64   `json:"tokens_per_s"`
+	TotalTokens  int64     `json:"total_tokens"`
+	Threads      int       `json:"threads"`
+	LastSeen     time.Time `json:"last_seen"`
+}
+
+// KeyStatus is the KV key of the coordinator's Status snapshot.
+const KeyStatus = "status"
 
 // Status returns the latest snapshot.
 func (c *Coordinator) Status() Status {
@@ -69,15 +87,45 @@ func (c *Coordinator) Status() Status {
 }
 
 func (c *Coordinator) snapshot() {
-	st := Status{Phase: c.core.Phase(), Done: map[Phase]int{}, Leased: map[Phase]int{}, Total: map[Phase]int{}}
+	st := Status{Run: c.o.Plan.RunID, Phase: c.core.Phase(), Done: map[Phase]int{}, Leased: map[Phase]int{}, Total: map[Phase]int{}}
 	for _, ph := range []Phase{PhaseStats, PhaseCache} {
 		n := c.core.Counts(ph)
 		st.Done[ph], st.Leased[ph] = n[StatusDone], n[StatusLeased]
 		st.Total[ph] = len(c.o.Plan.Shards(ph))
 	}
 	c.mu.Lock()
+	st.Teachers = c.status.Teachers
 	c.status = st
 	c.mu.Unlock()
+}
+
+// noteTeacher records a progress report for the status snapshot.
+func (c *Coordinator) noteTeacher(p Progress) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.status.Teachers == nil {
+		c.status.Teachers = map[string]TeacherStatus{}
+	}
+	c.status.Teachers[p.Teacher] = TeacherStatus{Phase: p.Phase, Shard: p.Shard, TokensPerSec: p.TokensPerSec,
+		TotalTokens: p.TotalTokens, Threads: p.Threads, LastSeen: time.Now()}
+}
+
+// publishStatus stores the status snapshot in the KV bucket every interval.
+func (c *Coordinator) publishStatus(ctx context.Context, every time.Duration) error {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			st := c.Status()
+			st.Updated = time.Now()
+			if b, err := json.Marshal(st); err == nil {
+				_, _ = c.kv.Put(ctx, KeyStatus, b)
+			}
+		}
+	}
 }
 
 // StatsMeta is the record metadata of a run's stats phase.
@@ -121,6 +169,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	g.Go(func() error { return c.watchDone(gctx, events) })
 	g.Go(func() error { return c.watchProgress(gctx, events) })
 	g.Go(func() error { return c.watchDead(gctx, events) })
+	g.Go(func() error { return c.publishStatus(gctx, 2*time.Second) })
 	g.Go(func() error {
 		t := time.NewTicker(c.o.Lease / 4)
 		defer t.Stop()
@@ -165,6 +214,14 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		}
 	})
 	err = g.Wait()
+	c.snapshot()
+	final := c.Status()
+	final.Updated = time.Now()
+	if b, merr := json.Marshal(final); merr == nil {
+		pctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, _ = c.kv.Put(pctx, KeyStatus, b)
+		cancel()
+	}
 	if errors.Is(err, errFinished) {
 		return nil
 	}
@@ -533,6 +590,7 @@ func (c *Coordinator) watchProgress(ctx context.Context, events chan<- Event) er
 			if json.Unmarshal(m.Data, &p) != nil {
 				continue
 			}
+			c.noteTeacher(p)
 			select {
 			case events <- EvProgress{Phase: p.Phase, Shard: p.Shard, Teacher: p.Teacher, Tokens: p.Tokens, Now: time.Now()}:
 			default: // progress is advisory; never block on it

@@ -48,6 +48,30 @@ from its shard checkpoints.`,
 	return cmd
 }
 
+func newCoordinatorCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "coordinator --model PATH --calib FILE --train FILE --num-prune n --out DIR [--nats URL]",
+		Short: "Plan a run and drive it; teachers and the cache writer run as separate processes",
+		Long: `The coordinator of run, alone: it plans the run (or resumes it from the KV bucket),
+publishes shard tasks, merges the stats phase's statistics into the training-free patch,
+tracks progress and exports the result to --out. Start ` + "`linearpatch teacher`" + ` processes (on
+any machine that reaches NATS) and one ` + "`linearpatch cache`" + ` process beside it. Without --nats
+it embeds the NATS server, listening on --nats-listen (use 0.0.0.0:4222 for other machines).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			s, err := resolve(cmd)
+			if err != nil {
+				return err
+			}
+			return runPipeline(cmd, s, 0, false)
+		},
+	}
+	addPruneFlags(cmd)
+	addRunFlags(cmd)
+	addNATSFlags(cmd)
+	return cmd
+}
+
 // addRunFlags declares the pipeline settings shared by run and coordinator.
 func addRunFlags(cmd *cobra.Command) {
 	f := cmd.Flags()
@@ -212,6 +236,12 @@ func runRun(cmd *cobra.Command, _ []string) error {
 	if err != nil {
 		return err
 	}
+	return runPipeline(cmd, s, s.num("teachers"), true)
+}
+
+// runPipeline drives a run with nTeachers in-process teachers and, when withWriter, the
+// cache writer in-process.
+func runPipeline(cmd *cobra.Command, s settings, nTeachers int, withWriter bool) error {
 	began := time.Now()
 	rs, err := prepareRun(s)
 	if err != nil {
@@ -238,7 +268,9 @@ func runRun(cmd *cobra.Command, _ []string) error {
 	}
 
 	var m *model.Model
-	nTeachers := s.num("teachers")
+	if nTeachers < 0 {
+		return errors.New("--teachers must be ≥ 0")
+	}
 	if nTeachers > 0 {
 		if m, err = model.Load(rs.spec.modelPath); err != nil {
 			return err
@@ -271,7 +303,7 @@ func runRun(cmd *cobra.Command, _ []string) error {
 		}
 		bg.Go(func() error { return ignoreCanceled(tw.Run(workCtx)) })
 	}
-	if rs.plan.Cache != nil {
+	if rs.plan.Cache != nil && withWriter {
 		bg.Go(func() error { return ignoreCanceled(writer.Run(workCtx)) })
 	}
 	bar := newPhaseBars(coord, rs.plan)
@@ -288,8 +320,10 @@ func runRun(cmd *cobra.Command, _ []string) error {
 
 	res := runResult{RunID: rs.plan.RunID, RunDir: rs.runDir, Start: fit.Start, End: fit.End, Method: fit.Method,
 		Cosine: fit.Cosine, Scale: fit.Scale, Out: rs.spec.out}
-	if mf := writer.Manifest(); mf != nil && rs.plan.Cache != nil {
-		res.Cache = summarize(mf, filepath.Join(rs.runDir, "cache"), rs.plan)
+	if rs.plan.Cache != nil {
+		if mf, err := shards.LoadManifest(filepath.Join(rs.runDir, "cache", cache.ManifestFile)); err == nil {
+			res.Cache = summarize(mf, filepath.Join(rs.runDir, "cache"), rs.plan)
+		}
 	}
 	if err := exportTrainingFree(ctx, conn.js, names, rs, fit, m); err != nil {
 		return err

@@ -1,0 +1,241 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+
+	"linearpatch/cache"
+	"linearpatch/coordinator"
+	"linearpatch/model"
+	"linearpatch/shards"
+	"linearpatch/teacher"
+	"linearpatch/worker"
+)
+
+func addWorkerFlags(cmd *cobra.Command) {
+	f := cmd.Flags()
+	f.String("run", "", "run id (printed by run/coordinator; required)")
+	f.String("run-dir", "", "the run's directory (for a run with an embedded server: its nats.url)")
+}
+
+// joinRun connects a worker process to a run's NATS and waits until its bucket exists.
+func joinRun(ctx context.Context, s settings, name string) (*natsConn, worker.Names, error) {
+	run := s.str("run")
+	if run == "" {
+		return nil, worker.Names{}, errors.New("--run is required")
+	}
+	names, err := worker.NewNames(run)
+	if err != nil {
+		return nil, worker.Names{}, err
+	}
+	conn, err := connectNATS(ctx, s, s.str("run-dir"), false, name)
+	if err != nil {
+		return nil, worker.Names{}, err
+	}
+	return conn, names, nil
+}
+
+// untilDone runs fn until the run reaches the done phase (checked in the KV bucket) or ctx ends.
+func untilDone(ctx context.Context, js jetstream.JetStream, names worker.Names, fn func(ctx context.Context) error) error {
+	g, gctx := errgroup.WithContext(ctx)
+	runCtx, stop := context.WithCancel(gctx)
+	defer stop()
+	g.Go(func() error { return ignoreCanceled(fn(runCtx)) })
+	g.Go(func() error {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-runCtx.Done():
+				return nil
+			case <-t.C:
+				kv, err := js.KeyValue(runCtx, names.KVBucket())
+				if err != nil {
+					continue
+				}
+				if e, err := kv.Get(runCtx, coordinator.KeyPhase); err == nil && coordinator.Phase(e.Value()) == coordinator.PhaseDone {
+					slog.Info("the run is done; exiting")
+					stop()
+					return nil
+				}
+			}
+		}
+	})
+	err := g.Wait()
+	if errors.Is(err, context.Canceled) && ctx.Err() == nil {
+		return nil
+	}
+	return err
+}
+
+func newTeacherCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "teacher --nats URL --run ID --model PATH",
+		Short: "A teacher worker: compute shards of a run and publish their records",
+		Long: `Pull shard tasks of run --run from NATS, run the original model (--model, the same
+files as the coordinator's: the fingerprint is checked) and publish calibration statistics
+and activation records. Start as many as you like, on any machine that reaches NATS; a
+killed teacher's shard goes to another after --ack-wait. Exits when the run is done.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			s, err := resolve(cmd)
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			path := s.str("model")
+			if path == "" {
+				return errors.New("--model is required")
+			}
+			fp, err := model.Fingerprint(path)
+			if err != nil {
+				return err
+			}
+			m, err := model.Load(path)
+			if err != nil {
+				return err
+			}
+			conn, names, err := joinRun(ctx, s, "linearpatch-teacher")
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			comp, err := teacher.NewCompute(m)
+			if err != nil {
+				return err
+			}
+			tw, err := teacher.NewWorker(teacher.Options{Name: s.str("name"), NC: conn.nc, JS: conn.js, Names: names,
+				Compute: comp, Fingerprint: fp, Stream: streamConfig(s)})
+			if err != nil {
+				return err
+			}
+			return untilDone(ctx, conn.js, names, tw.Run)
+		},
+	}
+	addWorkerFlags(cmd)
+	addNATSFlags(cmd)
+	cmd.Flags().String("model", "", "the original model (required)")
+	cmd.Flags().String("name", "", "teacher name in status reports (default: host-pid)")
+	return cmd
+}
+
+func newCacheCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "cache --nats URL --run ID --model PATH --dir DIR",
+		Short: "The cache writer: assemble teacher records into verified shard files",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			s, err := resolve(cmd)
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			cfg, err := model.ReadModelConfig(s.str("model"))
+			if err != nil {
+				return err
+			}
+			dir := s.str("dir")
+			if dir == "" {
+				if s.str("run-dir") == "" {
+					return errors.New("--dir (or --run-dir) is required")
+				}
+				dir = filepath.Join(s.str("run-dir"), "cache")
+			}
+			comp, err := shards.ParseCompression(s.str("compression"))
+			if err != nil {
+				return err
+			}
+			conn, names, err := joinRun(ctx, s, "linearpatch-cache")
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			w, err := cache.NewWriter(cache.Options{JS: conn.js, Names: names, Dir: dir, Compression: comp, Dim: cfg.Dim, Vocab: cfg.Vocab})
+			if err != nil {
+				return err
+			}
+			return untilDone(ctx, conn.js, names, w.Run)
+		},
+	}
+	addWorkerFlags(cmd)
+	addNATSFlags(cmd)
+	cmd.Flags().String("model", "", "the original model (its config gives the record shapes; required)")
+	cmd.Flags().String("dir", "", "cache directory (default: RUN-DIR/cache)")
+	cmd.Flags().String("compression", "zstd", "shard file compression: zstd, lz4 or none")
+	return cmd
+}
+
+func newStatusCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "status --run ID [--nats URL | --run-dir DIR]",
+		Short: "Show a run's phase, shards done/leased/pending and tokens/s per teacher",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			s, err := resolve(cmd)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
+			defer cancel()
+			conn, names, err := joinRun(ctx, s, "linearpatch-status")
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			kv, err := conn.js.KeyValue(ctx, names.KVBucket())
+			if err != nil {
+				return fmt.Errorf("run %s: %w", names.Run(), err)
+			}
+			var st coordinator.Status
+			e, err := kv.Get(ctx, coordinator.KeyStatus)
+			if err != nil {
+				return fmt.Errorf("run %s has no status yet (is its coordinator running?): %w", names.Run(), err)
+			}
+			if err := json.Unmarshal(e.Value(), &st); err != nil {
+				return err
+			}
+			if s.flag("json") {
+				return json.NewEncoder(cmd.OutOrStdout()).Encode(st)
+			}
+			w := cmd.OutOrStdout()
+			fmt.Fprintf(w, "run %s: phase %s (as of %s)\n\n", st.Run, st.Phase, st.Updated.Format(time.RFC3339))
+			fmt.Fprintln(w, "| phase | done | leased | pending | total |")
+			fmt.Fprintln(w, "|---|---:|---:|---:|---:|")
+			for _, ph := range []coordinator.Phase{coordinator.PhaseStats, coordinator.PhaseCache} {
+				if st.Total[ph] == 0 {
+					continue
+				}
+				fmt.Fprintf(w, "| %s | %d | %d | %d | %d |\n", ph, st.Done[ph], st.Leased[ph], st.Total[ph]-st.Done[ph]-st.Leased[ph], st.Total[ph])
+			}
+			if len(st.Teachers) > 0 {
+				names := make([]string, 0, len(st.Teachers))
+				for n := range st.Teachers {
+					names = append(names, n)
+				}
+				sort.Strings(names)
+				fmt.Fprintln(w, "\n| teacher | tokens/s | tokens | threads | working on | last seen |")
+				fmt.Fprintln(w, "|---|---:|---:|---:|---|---|")
+				for _, n := range names {
+					t := st.Teachers[n]
+					fmt.Fprintf(w, "| %s | %.0f | %d | %d | %s %d | %s ago |\n", n, t.TokensPerSec, t.TotalTokens, t.Threads,
+						t.Phase, t.Shard, time.Since(t.LastSeen).Round(time.Second))
+				}
+			}
+			return nil
+		},
+	}
+	addWorkerFlags(cmd)
+	addNATSFlags(cmd)
+	cmd.Flags().Bool("json", false, "print the status as JSON")
+	return cmd
+}
