@@ -508,9 +508,9 @@ func recoverCorrupt(err *error) {
 	}
 }
 
-// decodeLimit is the allocation limit for decoding a message of n bytes: generous for
-// compressed bodies, bounded for corrupt ones.
-func decodeLimit(n int) int { return 8*n + 64<<20 }
+// decodeLimit is the allocation limit for decoding a message of n bytes. Our messages are
+// uncompressed (the reader allocates about n bytes); a compressed one may expand 16-fold.
+func decodeLimit(n int) int { return 16*n + 1<<20 }
 
 // openStream checks b's framing and opens an Arrow IPC stream reader on it with an
 // allocation limit. The caller releases the reader.

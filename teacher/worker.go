@@ -32,6 +32,9 @@ type Options struct {
 	Fingerprint string
 	Stream      worker.StreamConfig
 	Logger      *slog.Logger
+	// WindowDelay slows the cache phase down by this much per window (fault-injection
+	// tests need a run long enough to kill a teacher in the middle).
+	WindowDelay time.Duration
 }
 
 // Worker pulls shard tasks and publishes their records. Run it with Run.
@@ -266,6 +269,13 @@ func (w *Worker) cache(ctx context.Context, task coordinator.Task, pub *worker.P
 		}
 		tokens += int64(len(ids))
 		w.report(task, tokens, int64(len(ids)))
+		if d := w.o.WindowDelay; d > 0 {
+			select {
+			case <-ctx.Done():
+				return 0, 0, ctx.Err()
+			case <-time.After(d):
+			}
+		}
 	}
 	return n, tokens, nil
 }

@@ -12,7 +12,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// Msg is one delivery of a data message. Data and Header are owned by the
+// Msg is one delivery of a data message, as passed by Consume (a Msg built
+// elsewhere has no delivery to settle and its methods panic). Data and Header are owned by the
 // callee. Exactly one of Ack, AckSync, Nak, NakWithDelay or Term should be
 // called, once the message's effect is durable (or deliberately dropped);
 // a message left alone is redelivered after AckWait. Msg values may be kept
@@ -120,7 +121,8 @@ func WithConsumeLogger(l *slog.Logger) ConsumeOption {
 // until ctx ends; then it returns nil. fn acks (see Msg); redeliveries are not
 // ordered. If fn returns an error or panics, the message is nak'd and Consume
 // returns that error (a panic wraps ErrHandlerPanic). Server restarts are
-// survived; the consumer is re-created if it vanished.
+// survived; the consumer is re-created if it vanished. A closed connection
+// ends Consume with an error wrapping nats.ErrConnectionClosed.
 func Consume(ctx context.Context, js jetstream.JetStream, names Names, consumerName, filterSubject string, fn func(ctx context.Context, m Msg) error, opts ...ConsumeOption) error {
 	if js == nil || fn == nil {
 		return fmt.Errorf("%w: nil JetStream or fn", ErrInvalidOption)
@@ -167,6 +169,9 @@ func Consume(ctx context.Context, js jetstream.JetStream, names Names, consumerN
 	buf := max(o.bufBytes, 4*MaxPayload(js.Conn()))
 	wait := retryMinWait
 	for ctx.Err() == nil {
+		if js.Conn().IsClosed() {
+			return fmt.Errorf("worker: consume %s: %w", consumerName, nats.ErrConnectionClosed)
+		}
 		if cons == nil {
 			if cons, err = js.CreateOrUpdateConsumer(ctx, names.DataStream(), cfg); err != nil {
 				o.log.Warn("data consumer unavailable, retrying", "consumer", consumerName, "err", err)
@@ -190,9 +195,6 @@ func Consume(ctx context.Context, js jetstream.JetStream, names Names, consumerN
 		}
 		if ctx.Err() == nil {
 			// The iterator stopped under us: consumer deleted, connection closed.
-			if js.Conn().IsClosed() {
-				return fmt.Errorf("worker: consume %s: %w", consumerName, nats.ErrConnectionClosed)
-			}
 			cons = nil
 			_ = sleepCtx(ctx, wait)
 			wait = min(2*wait, retryMaxWait)

@@ -41,7 +41,7 @@ func PublishTask(ctx context.Context, js jetstream.JetStream, names Names, phase
 
 // Task is one delivery of a task to a Handler.
 type Task struct {
-	ID        string // the id given to PublishTask
+	ID        string // the id given to PublishTask (else the Nats-Msg-Id, if any)
 	Phase     string
 	Payload   []byte // owned by the handler
 	Delivered int    // 1 on the first delivery; MaxDeliver on the last
@@ -194,14 +194,14 @@ func (l *TaskLoop) consumerConfig() jetstream.ConsumerConfig {
 		AckWait:        l.o.cfg.AckWait,
 		MaxDeliver:     l.o.cfg.MaxDeliver,
 		FilterSubjects: filters,
-		Replicas:       l.o.cfg.Replicas,
 	}
 }
 
 // Run creates or updates the durable consumer and processes tasks one at a
 // time until ctx ends, then returns nil. It survives server restarts: pulls are
 // renewed after a reconnect and the consumer is re-created if it vanished. It
-// returns an error only if the consumer cannot be created at start.
+// returns an error if the consumer cannot be created at start (e.g. its filter
+// overlaps another consumer's on the work queue) or the connection is closed.
 func (l *TaskLoop) Run(ctx context.Context) error {
 	cons, err := l.js.CreateOrUpdateConsumer(ctx, l.names.TasksStream(), l.consumerConfig())
 	if err != nil {
@@ -213,6 +213,9 @@ func (l *TaskLoop) Run(ctx context.Context) error {
 	nc := l.js.Conn()
 	wait := retryMinWait
 	for ctx.Err() == nil {
+		if nc.IsClosed() {
+			return fmt.Errorf("worker: task loop %s: %w", l.consumer, nats.ErrConnectionClosed)
+		}
 		if !nc.IsConnected() {
 			// A pull sent now would be buffered and could be served after this
 			// fetch gave up, parking a task for a whole AckWait.
@@ -269,8 +272,12 @@ func (l *TaskLoop) handle(ctx context.Context, msg jetstream.Msg) {
 		_ = msg.TermWithReason("unexpected subject")
 		return
 	}
+	id := msg.Headers().Get(taskIDHeader)
+	if id == "" {
+		id = msg.Headers().Get(jetstream.MsgIDHeader)
+	}
 	t := Task{
-		ID:         msg.Headers().Get(taskIDHeader),
+		ID:         id,
 		Phase:      phase,
 		Payload:    msg.Data(),
 		Delivered:  int(md.NumDelivered),

@@ -324,3 +324,28 @@ func TestWatchDeadLetters(t *testing.T) {
 		t.Fatalf("dead stream holds %d records, want 1", n)
 	}
 }
+
+// Loops and consumers stop with an error when their connection is closed
+// instead of waiting for a reconnect that cannot come.
+func TestClosedConnectionEndsRun(t *testing.T) {
+	e, _, _, names := setupRun(t, StreamConfig{})
+	nc, js := connect(t, e.URL())
+	l := newLoop(t, js, names, StreamConfig{}, func(context.Context, Task) error { return nil })
+	errs := make(chan error, 2)
+	go func() { errs <- l.Run(t.Context()) }()
+	go func() {
+		errs <- Consume(t.Context(), js, names, "cache", "", func(context.Context, Msg) error { return nil })
+	}()
+	time.Sleep(300 * time.Millisecond)
+	nc.Close()
+	for range 2 {
+		select {
+		case err := <-errs:
+			if !errors.Is(err, nats.ErrConnectionClosed) {
+				t.Fatalf("err = %v, want ErrConnectionClosed", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("still running on a closed connection")
+		}
+	}
+}

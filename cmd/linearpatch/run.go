@@ -161,6 +161,9 @@ func prepareRun(s settings) (*runSetup, error) {
 	if err := os.MkdirAll(runDir, 0o755); err != nil {
 		return nil, err
 	}
+	if err := os.WriteFile(filepath.Join(runDir, "run.id"), []byte(plan.RunID), 0o644); err != nil {
+		return nil, err
+	}
 	return &runSetup{spec: spec, cfg: cfg, plan: plan, calib: calib, train: train, runDir: runDir}, nil
 }
 

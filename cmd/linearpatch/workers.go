@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -24,15 +26,22 @@ import (
 
 func addWorkerFlags(cmd *cobra.Command) {
 	f := cmd.Flags()
-	f.String("run", "", "run id (printed by run/coordinator; required)")
+	f.String("run", "", "run id (printed by run and coordinator; default: the run.id file in --run-dir)")
 	f.String("run-dir", "", "the run's directory (for a run with an embedded server: its nats.url)")
 }
 
 // joinRun connects a worker process to a run's NATS and waits until its bucket exists.
 func joinRun(ctx context.Context, s settings, name string) (*natsConn, worker.Names, error) {
 	run := s.str("run")
+	if run == "" && s.str("run-dir") != "" {
+		b, err := os.ReadFile(filepath.Join(s.str("run-dir"), "run.id"))
+		if err != nil {
+			return nil, worker.Names{}, fmt.Errorf("--run not given and no run id in --run-dir: %w", err)
+		}
+		run = strings.TrimSpace(string(b))
+	}
 	if run == "" {
-		return nil, worker.Names{}, errors.New("--run is required")
+		return nil, worker.Names{}, errors.New("--run (or --run-dir) is required")
 	}
 	names, err := worker.NewNames(run)
 	if err != nil {
@@ -115,7 +124,7 @@ killed teacher's shard goes to another after --ack-wait. Exits when the run is d
 				return err
 			}
 			tw, err := teacher.NewWorker(teacher.Options{Name: s.str("name"), NC: conn.nc, JS: conn.js, Names: names,
-				Compute: comp, Fingerprint: fp, Stream: streamConfig(s)})
+				Compute: comp, Fingerprint: fp, Stream: streamConfig(s), WindowDelay: s.v.GetDuration("slow-window")})
 			if err != nil {
 				return err
 			}
@@ -126,6 +135,8 @@ killed teacher's shard goes to another after --ack-wait. Exits when the run is d
 	addNATSFlags(cmd)
 	cmd.Flags().String("model", "", "the original model (required)")
 	cmd.Flags().String("name", "", "teacher name in status reports (default: host-pid)")
+	cmd.Flags().Duration("slow-window", 0, "sleep this long after each window (fault-injection tests)")
+	_ = cmd.Flags().MarkHidden("slow-window")
 	return cmd
 }
 

@@ -1,0 +1,392 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"linearpatch/shards"
+)
+
+// binPath is the linearpatch binary the process tests run, built by TestMain.
+var binPath string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "linearpatch-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binPath = filepath.Join(dir, "linearpatch")
+	build := exec.Command("go", "build", "-o", binPath, ".")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "building the binary for the process tests:", err)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// syncBuffer is a goroutine-safe log sink.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// proc is a linearpatch process under test.
+type proc struct {
+	name string
+	cmd  *exec.Cmd
+	out  *syncBuffer
+	done chan error
+}
+
+func startProc(t *testing.T, name string, prefix []string, args ...string) *proc {
+	t.Helper()
+	argv := append(append(append([]string(nil), prefix...), binPath), args...)
+	p := &proc{name: name, cmd: exec.Command(argv[0], argv[1:]...), out: &syncBuffer{}, done: make(chan error, 1)}
+	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+	p.cmd.Env = append(os.Environ(), "LINEARPATCH_LOG_LEVEL=debug")
+	if err := p.cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", name, err)
+	}
+	go func() { p.done <- p.cmd.Wait() }()
+	t.Cleanup(func() {
+		p.kill()
+		<-p.done
+	})
+	return p
+}
+
+func (p *proc) kill() { _ = p.cmd.Process.Signal(syscall.SIGKILL) }
+
+func (p *proc) wait(t *testing.T, d time.Duration) error {
+	t.Helper()
+	select {
+	case err := <-p.done:
+		p.done <- err
+		return err
+	case <-time.After(d):
+		t.Fatalf("%s did not finish in %v; its log:\n%s", p.name, d, tail(p.out.String(), 4000))
+		return nil
+	}
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return "…" + s[len(s)-n:]
+	}
+	return s
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func waitFile(t *testing.T, path string, d time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		if _, err := os.Stat(path); err == nil {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("%s did not appear in %v", path, d)
+}
+
+// pipelineFixture is a small synthetic model with calibration and training token data.
+type pipelineFixture struct {
+	dir, model, calib, train string
+}
+
+func newPipelineFixture(t *testing.T) pipelineFixture {
+	t.Helper()
+	dir := t.TempDir()
+	fx := pipelineFixture{dir: dir, model: filepath.Join(dir, "model"), calib: filepath.Join(dir, "calib.jsonl"), train: filepath.Join(dir, "train.jsonl")}
+	if _, err := runCLI(t, "synth", "--out", fx.model, "--dim", "64", "--layers", "4", "--heads", "4", "--kv-heads", "2",
+		"--ffn", "128", "--vocab", "256", "--seed", "7"); err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(7, 7))
+	writeIDs := func(path string, lines, n int) {
+		var b strings.Builder
+		for range lines {
+			ids := make([]int, n)
+			for i := range ids {
+				ids[i] = rng.IntN(256)
+			}
+			j, _ := json.Marshal(map[string][]int{"input_ids": ids})
+			b.Write(j)
+			b.WriteByte('\n')
+		}
+		if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeIDs(fx.calib, 8, 32)
+	writeIDs(fx.train, 42, 32)
+	return fx
+}
+
+// settingsArgs are the run settings every process test shares (so every run has one id).
+func (fx pipelineFixture) settingsArgs() []string {
+	return []string{"--model", fx.model, "--calib", fx.calib, "--train", fx.train, "--num-prune", "1",
+		"--seq-len", "32", "--calib-windows", "8", "--shard-windows", "2", "--top-k", "8", "--method", "rotate"}
+}
+
+// reference runs the pipeline in-process with one teacher and returns the shard checksums.
+func (fx pipelineFixture) reference(t *testing.T) map[int]string {
+	t.Helper()
+	ref := filepath.Join(fx.dir, "ref")
+	if _, err := runCLI(t, append(append([]string{"run"}, fx.settingsArgs()...), "--out", filepath.Join(ref, "out"), "--run-dir", filepath.Join(ref, "run"), "--teachers", "1")...); err != nil {
+		t.Fatal(err)
+	}
+	return manifestSums(t, filepath.Join(ref, "run", "cache"))
+}
+
+func manifestSums(t *testing.T, cacheDir string) map[int]string {
+	t.Helper()
+	m, err := shards.LoadManifest(filepath.Join(cacheDir, "manifest.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[int]string{}
+	for _, e := range m.Shards {
+		if _, dup := out[e.Shard]; dup {
+			t.Fatalf("shard %d listed twice", e.Shard)
+		}
+		sum, err := shards.FileSHA256(e.Path(cacheDir))
+		if err != nil || sum != e.SHA256 {
+			t.Fatalf("shard %d: file checksum %s (%v), manifest %s", e.Shard, sum, err, e.SHA256)
+		}
+		out[e.Shard] = e.SHA256
+	}
+	return out
+}
+
+// distributed starts a coordinator (embedded NATS on port), the cache writer and teachers
+// as separate processes.
+type distributed struct {
+	t        *testing.T
+	fx       pipelineFixture
+	runDir   string
+	out      string
+	port     int
+	natsHost string
+	coord    *proc
+	cache    *proc
+	teachers []*proc
+}
+
+func newDistributed(t *testing.T, fx pipelineFixture, name string) *distributed {
+	d := &distributed{t: t, fx: fx, runDir: filepath.Join(fx.dir, name, "run"), out: filepath.Join(fx.dir, name, "out"),
+		port: freePort(t), natsHost: "127.0.0.1"}
+	return d
+}
+
+func (d *distributed) startCoordinator(extra ...string) {
+	args := append(append([]string{"run", "--teachers", "0", "--nats-listen", fmt.Sprintf("%s:%d", d.natsHost, d.port)}, d.fx.settingsArgs()...),
+		"--out", d.out, "--run-dir", d.runDir, "--ack-wait", "2s", "--lease", "4s", "--json")
+	d.coord = startProc(d.t, "coordinator", nil, append(args, extra...)...)
+	waitFile(d.t, filepath.Join(d.runDir, "nats.url"), 30*time.Second)
+}
+
+func (d *distributed) startCache() {
+	d.cache = startProc(d.t, "cache", nil, "cache", "--run-dir", d.runDir, "--model", d.fx.model)
+}
+
+func (d *distributed) startTeacher(prefix []string, natsURL string, delay string) *proc {
+	args := []string{"teacher", "--run-dir", d.runDir, "--model", d.fx.model, "--threads", "1", "--slow-window", delay,
+		"--name", fmt.Sprintf("t%d", len(d.teachers)), "--ack-wait", "2s"}
+	if natsURL != "" {
+		args = append(args, "--nats", natsURL)
+	}
+	p := startProc(d.t, fmt.Sprintf("teacher %d", len(d.teachers)), prefix, args...)
+	d.teachers = append(d.teachers, p)
+	return p
+}
+
+// finish waits for the coordinator and checks the run completed with every shard once and
+// bit-identical to the reference.
+func (d *distributed) finish(ref map[int]string) {
+	t := d.t
+	if err := d.coord.wait(t, 3*time.Minute); err != nil {
+		t.Fatalf("coordinator failed: %v\n%s", err, tail(d.coord.out.String(), 6000))
+	}
+	got := manifestSums(t, filepath.Join(d.runDir, "cache"))
+	if len(got) != len(ref) {
+		t.Fatalf("%d shards in the cache, reference has %d", len(got), len(ref))
+	}
+	for shard, sum := range ref {
+		if got[shard] != sum {
+			t.Fatalf("shard %d differs from the single-teacher run", shard)
+		}
+	}
+}
+
+// TestTeacherCrashes kills a teacher process at a random moment of a run (seeded trials):
+// the run completes, every shard is in the cache once, and the cache is bit-identical to a
+// single-teacher run.
+func TestTeacherCrashes(t *testing.T) {
+	fx := newPipelineFixture(t)
+	ref := fx.reference(t)
+	trials := 20
+	if testing.Short() {
+		trials = 3
+	}
+	for seed := range trials {
+		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(uint64(seed), 99))
+			d := newDistributed(t, fx, fmt.Sprint("trial", seed))
+			d.startCoordinator()
+			d.startCache()
+			d.startTeacher(nil, "", "20ms")
+			victim := d.startTeacher(nil, "", "20ms")
+			time.Sleep(time.Duration(rng.IntN(2500)) * time.Millisecond)
+			victim.kill()
+			d.startTeacher(nil, "", "5ms")
+			d.finish(ref)
+		})
+	}
+}
+
+// TestTeacherInNetworkNamespace runs a teacher in its own network namespace, reaching the
+// coordinator's NATS over a veth pair, so nothing assumes it shares the coordinator's host.
+func TestTeacherInNetworkNamespace(t *testing.T) {
+	fx := newPipelineFixture(t)
+	ref := fx.reference(t)
+	ns := fmt.Sprintf("lpt%d", os.Getpid()%100000)
+	hostIf, nsIf := "lph"+ns[3:], "lpn"+ns[3:]
+	sub := 16 + os.Getpid()%200
+	hostIP, nsIP := fmt.Sprintf("10.231.%d.1", sub), fmt.Sprintf("10.231.%d.2", sub)
+	ip := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v: %s (the test needs root and iproute2)", strings.Join(args, " "), err, out)
+		}
+	}
+	ip("netns", "add", ns)
+	t.Cleanup(func() {
+		_ = exec.Command("ip", "link", "del", hostIf).Run()
+		_ = exec.Command("ip", "netns", "del", ns).Run()
+	})
+	ip("link", "add", hostIf, "type", "veth", "peer", "name", nsIf)
+	ip("link", "set", nsIf, "netns", ns)
+	ip("addr", "add", hostIP+"/30", "dev", hostIf)
+	ip("link", "set", hostIf, "up")
+	ip("netns", "exec", ns, "ip", "addr", "add", nsIP+"/30", "dev", nsIf)
+	ip("netns", "exec", ns, "ip", "link", "set", nsIf, "up")
+	ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
+
+	d := newDistributed(t, fx, "netns")
+	d.natsHost = hostIP
+	d.startCoordinator()
+	d.startCache()
+	// The only teacher lives in the namespace: the run can only finish through it.
+	d.startTeacher([]string{"ip", "netns", "exec", ns}, fmt.Sprintf("nats://%s:%d", hostIP, d.port), "0s")
+	d.finish(ref)
+}
+
+// TestCoordinatorCrash kills the coordinator (and its embedded NATS) mid-phase and restarts
+// it: it resumes from the KV bucket and no shard completed before the crash is computed again.
+func TestCoordinatorCrash(t *testing.T) {
+	fx := newPipelineFixture(t)
+	ref := fx.reference(t)
+	d := newDistributed(t, fx, "coordcrash")
+	d.startCoordinator()
+	d.startCache()
+	d.startTeacher(nil, "", "30ms")
+	d.startTeacher(nil, "", "30ms")
+	manifest := filepath.Join(d.runDir, "cache", "manifest.json")
+	var before map[int]string
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) {
+		if m, err := shards.LoadManifest(manifest); err == nil && len(m.Shards) >= 4 {
+			before = map[int]string{}
+			for _, e := range m.Shards {
+				before[e.Shard] = e.SHA256
+			}
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if before == nil {
+		t.Fatal("the cache phase made no progress")
+	}
+	d.coord.kill()
+	_ = d.coord.wait(t, 10*time.Second)
+	logOffsets := make([]int, len(d.teachers))
+	for i, p := range d.teachers {
+		logOffsets[i] = len(p.out.String())
+	}
+	d.startCoordinator()
+	d.finish(ref)
+	for i, p := range d.teachers {
+		for _, line := range strings.Split(p.out.String()[logOffsets[i]:], "\n") {
+			if !strings.Contains(line, `msg="shard published"`) || !strings.Contains(line, "phase=cache") {
+				continue
+			}
+			for shard := range before {
+				if strings.Contains(line, fmt.Sprintf(" shard=%d ", shard)) {
+					t.Errorf("cache shard %d was complete before the coordinator crashed, yet computed again: %s", shard, line)
+				}
+			}
+		}
+	}
+}
+
+// TestNATSServerRestart restarts an external nats-server process mid-run.
+func TestNATSServerRestart(t *testing.T) {
+	fx := newPipelineFixture(t)
+	ref := fx.reference(t)
+	d := newDistributed(t, fx, "natsrestart")
+	store := filepath.Join(fx.dir, "natsrestart", "nats")
+	url := fmt.Sprintf("nats://127.0.0.1:%d", d.port)
+	server := startProc(t, "nats-server", nil, "nats-server", "--dir", store, "--listen", fmt.Sprintf("127.0.0.1:%d", d.port))
+	time.Sleep(500 * time.Millisecond)
+	args := append(append([]string{"run", "--teachers", "0", "--nats", url}, fx.settingsArgs()...),
+		"--out", d.out, "--run-dir", d.runDir, "--ack-wait", "2s", "--lease", "4s")
+	d.coord = startProc(t, "coordinator", nil, args...)
+	waitFile(t, filepath.Join(d.runDir, "run.id"), 30*time.Second)
+	d.cache = startProc(t, "cache", nil, "cache", "--run-dir", d.runDir, "--model", fx.model, "--nats", url)
+	d.startTeacher(nil, url, "20ms")
+	d.startTeacher(nil, url, "20ms")
+	time.Sleep(1500 * time.Millisecond)
+	server.kill()
+	_ = server.wait(t, 10*time.Second)
+	time.Sleep(700 * time.Millisecond)
+	startProc(t, "nats-server again", nil, "nats-server", "--dir", store, "--listen", fmt.Sprintf("127.0.0.1:%d", d.port))
+	d.finish(ref)
+}
