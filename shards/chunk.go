@@ -130,7 +130,9 @@ func colWidths(m Meta) [6]int {
 	return w
 }
 
-func (c *chunkCols) list() [6]*[]byte { return [6]*[]byte{&c.ids, &c.xcut, &c.lo, &c.hi, &c.sq, &c.xfin} }
+func (c *chunkCols) list() [6]*[]byte {
+	return [6]*[]byte{&c.ids, &c.xcut, &c.lo, &c.hi, &c.sq, &c.xfin}
+}
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 

@@ -177,6 +177,9 @@ func writeAtomic(path string, write func(io.WriteSeeker) error) (size int64, sum
 	if err = hw.w.Flush(); err != nil {
 		return 0, "", fmt.Errorf("shards: write %s: %w", path, err)
 	}
+	if err = f.Chmod(0o644); err != nil {
+		return 0, "", fmt.Errorf("shards: write %s: %w", path, err)
+	}
 	if err = f.Sync(); err != nil {
 		return 0, "", fmt.Errorf("shards: sync %s: %w", path, err)
 	}

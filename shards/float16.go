@@ -9,7 +9,7 @@ import (
 
 // Largest finite values of the 16-bit dtypes, and their float32 bit patterns.
 const (
-	MaxFloat16  = 65504                  // largest finite float16
+	MaxFloat16  = 65504                 // largest finite float16
 	MaxBFloat16 = 3.3895313892515355e38 // largest finite bfloat16 (0x7f7f)
 
 	maxF16Bits  = 0x477fe000 // float32 bits of 65504
@@ -174,6 +174,14 @@ func getActs(dt DType, dst []float32, src []byte) bool {
 // overflow gives ±Inf and NaN stays a quiet NaN.
 func f32ToF16(b uint32) uint16 {
 	sign := uint16(b>>16) & 0x8000
+	if a := b & 0x7fffffff; a >= 0x38800000 && a < 0x477ff000 {
+		// Fast path: the result is a normal float16 (2⁻¹⁴ ≤ |x| < 65520, which rounds to at
+		// most 65504). Rebias the exponent, round the 13 dropped bits to nearest even; a
+		// carry into the exponent is correct.
+		a -= (127 - 15) << 23
+		a += 0xfff + (a>>13)&1
+		return sign | uint16(a>>13)
+	}
 	exp := int(b>>23) & 0xff
 	mant := b & 0x7fffff
 	if exp == 0xff {

@@ -392,4 +392,3 @@ func BenchmarkDecodeMessage(b *testing.B) {
 		}
 	}
 }
-

@@ -92,7 +92,7 @@ func (p *proc) wait(t *testing.T, d time.Duration) error {
 		p.done <- err
 		return err
 	case <-time.After(d):
-		t.Fatalf("%s did not finish in %v; its log:\n%s", p.name, d, tail(p.out.String(), 4000))
+		t.Fatalf("%s did not finish in %v", p.name, d)
 		return nil
 	}
 }
@@ -217,7 +217,7 @@ func newDistributed(t *testing.T, fx pipelineFixture, name string) *distributed 
 }
 
 func (d *distributed) startCoordinator(extra ...string) {
-	args := append(append([]string{"run", "--teachers", "0", "--nats-listen", fmt.Sprintf("%s:%d", d.natsHost, d.port)}, d.fx.settingsArgs()...),
+	args := append(append([]string{"coordinator", "--nats-listen", fmt.Sprintf("%s:%d", d.natsHost, d.port)}, d.fx.settingsArgs()...),
 		"--out", d.out, "--run-dir", d.runDir, "--ack-wait", "2s", "--lease", "4s", "--json")
 	d.coord = startProc(d.t, "coordinator", nil, append(args, extra...)...)
 	waitFile(d.t, filepath.Join(d.runDir, "nats.url"), 30*time.Second)
@@ -242,6 +242,11 @@ func (d *distributed) startTeacher(prefix []string, natsURL string, delay string
 // bit-identical to the reference.
 func (d *distributed) finish(ref map[int]string) {
 	t := d.t
+	defer func() {
+		if t.Failed() {
+			d.dumpLogs()
+		}
+	}()
 	if err := d.coord.wait(t, 3*time.Minute); err != nil {
 		t.Fatalf("coordinator failed: %v\n%s", err, tail(d.coord.out.String(), 6000))
 	}
@@ -272,9 +277,9 @@ func TestTeacherCrashes(t *testing.T) {
 			d := newDistributed(t, fx, fmt.Sprint("trial", seed))
 			d.startCoordinator()
 			d.startCache()
-			d.startTeacher(nil, "", "20ms")
-			victim := d.startTeacher(nil, "", "20ms")
-			time.Sleep(time.Duration(rng.IntN(2500)) * time.Millisecond)
+			d.startTeacher(nil, "", "60ms")
+			victim := d.startTeacher(nil, "", "60ms")
+			time.Sleep(time.Duration(100+rng.IntN(1200)) * time.Millisecond)
 			victim.kill()
 			d.startTeacher(nil, "", "5ms")
 			d.finish(ref)
@@ -376,7 +381,7 @@ func TestNATSServerRestart(t *testing.T) {
 	url := fmt.Sprintf("nats://127.0.0.1:%d", d.port)
 	server := startProc(t, "nats-server", nil, "nats-server", "--dir", store, "--listen", fmt.Sprintf("127.0.0.1:%d", d.port))
 	time.Sleep(500 * time.Millisecond)
-	args := append(append([]string{"run", "--teachers", "0", "--nats", url}, fx.settingsArgs()...),
+	args := append(append([]string{"coordinator", "--nats", url}, fx.settingsArgs()...),
 		"--out", d.out, "--run-dir", d.runDir, "--ack-wait", "2s", "--lease", "4s")
 	d.coord = startProc(t, "coordinator", nil, args...)
 	waitFile(t, filepath.Join(d.runDir, "run.id"), 30*time.Second)
@@ -389,4 +394,20 @@ func TestNATSServerRestart(t *testing.T) {
 	time.Sleep(700 * time.Millisecond)
 	startProc(t, "nats-server again", nil, "nats-server", "--dir", store, "--listen", fmt.Sprintf("127.0.0.1:%d", d.port))
 	d.finish(ref)
+}
+
+// dumpLogs writes every process log of a failed distributed test to the test log.
+func (d *distributed) dumpLogs() {
+	all := append([]*proc{d.coord, d.cache}, d.teachers...)
+	dir := os.Getenv("LINEARPATCH_TEST_LOGS")
+	for _, p := range all {
+		if p == nil {
+			continue
+		}
+		d.t.Logf("==== %s ====\n%s", p.name, tail(p.out.String(), 3000))
+		if dir != "" {
+			name := strings.ReplaceAll(d.t.Name()+"-"+p.name, "/", "_")
+			_ = os.WriteFile(filepath.Join(dir, strings.ReplaceAll(name, " ", "_")+".log"), []byte(p.out.String()), 0o644)
+		}
+	}
 }
