@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -172,11 +173,13 @@ func (w *Writer) loadManifest(ctx context.Context, asm *worker.Assembler) error 
 		return fmt.Errorf("cache: %w", err)
 	}
 	var keep []shards.ManifestEntry
+	var refetch []int
 	for _, e := range m.Shards {
 		sum, err := shards.FileSHA256(e.Path(w.o.Dir))
 		if err != nil || sum != e.SHA256 {
 			w.log.Warn("shard file fails verification; rebuilding it from the stream", "shard", e.Shard, "file", e.File, "err", err)
 			os.Remove(e.Path(w.o.Dir))
+			refetch = append(refetch, e.Shard)
 			continue
 		}
 		keep = append(keep, e)
@@ -190,7 +193,48 @@ func (w *Writer) loadManifest(ctx context.Context, asm *worker.Assembler) error 
 	w.mu.Lock()
 	w.manifest = m
 	w.mu.Unlock()
-	return m.Save(path)
+	if err := m.Save(path); err != nil {
+		return err
+	}
+	for _, shard := range refetch {
+		if err := w.refetch(ctx, shard); err != nil {
+			return err
+		}
+		asm.MarkComplete(shard)
+	}
+	return nil
+}
+
+// refetch rebuilds a shard from the records the data stream still holds (its messages were
+// acked when the shard was first written, so the durable consumer will not bring them back).
+func (w *Writer) refetch(ctx context.Context, shard int) error {
+	filter := strings.TrimSuffix(w.o.Names.DataFilter(string(coordinator.PhaseCache)), ">") + strconv.Itoa(shard) + ".>"
+	cons, err := w.o.JS.OrderedConsumer(ctx, w.o.Names.DataStream(), jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}})
+	if err != nil {
+		return fmt.Errorf("cache: refetch shard %d: %w", shard, err)
+	}
+	asm := worker.NewAssembler(w.o.Names, string(coordinator.PhaseCache))
+	for {
+		fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		raw, err := cons.Next(jetstream.FetchContext(fctx))
+		cancel()
+		if err != nil {
+			return fmt.Errorf("cache: refetch shard %d: the stream no longer holds its records (%v); recompute it by deleting %s from the run's bucket", shard, err, coordinator.DoneKey(coordinator.PhaseCache, shard))
+		}
+		m := worker.NewMsg(raw)
+		if !strings.HasSuffix(m.Subject, ".done") {
+			if _, err := shards.DecodeMessage(m.Data, w.meta); err != nil {
+				continue
+			}
+		}
+		outcome, a, err := asm.Add(m)
+		if err != nil {
+			continue
+		}
+		if outcome == worker.Completed {
+			return w.store(ctx, a)
+		}
+	}
 }
 
 // store writes an assembled shard's file, adds it to the manifest and records it done,

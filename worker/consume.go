@@ -216,10 +216,7 @@ func drain(ctx context.Context, iter jetstream.MessagesContext, fn func(context.
 			}
 			return nil
 		}
-		m := Msg{Subject: raw.Subject(), Header: raw.Headers(), Data: raw.Data(), Delivered: 1, raw: raw}
-		if md, err := raw.Metadata(); err == nil {
-			m.Delivered = int(md.NumDelivered)
-		}
+		m := NewMsg(raw)
 		if err := callFn(ctx, fn, m); err != nil {
 			_ = raw.Nak()
 			return err
@@ -234,4 +231,14 @@ func callFn(ctx context.Context, fn func(context.Context, Msg) error, m Msg) (er
 		}
 	}()
 	return fn(ctx, m)
+}
+
+// NewMsg wraps a message read outside Consume (e.g. from an ordered consumer that
+// replays a shard's records). Acks on a message of an ack-none consumer are no-ops.
+func NewMsg(raw jetstream.Msg) Msg {
+	m := Msg{Subject: raw.Subject(), Header: raw.Headers(), Data: raw.Data(), Delivered: 1, raw: raw}
+	if md, err := raw.Metadata(); err == nil {
+		m.Delivered = int(md.NumDelivered)
+	}
+	return m
 }
