@@ -44,9 +44,23 @@ bench: build
 	@echo "== kernels =="
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./model/tensor/
 
+# The whole pipeline on the shared model: embedded NATS, 2 teachers, stats phase → training-free
+# patch → activation cache → student → export, then a comparison on valid.txt.
+DEMO_DIR ?= out/demo
 demo: build
-	@test -d $(SHARED)/models/tinystories-8L || { echo "make: $(SHARED)/models/tinystories-8L is missing"; exit 1; }
-	./$(BIN) eval --model $(SHARED)/models/tinystories-8L --data $(SHARED)/data/tinystories/valid.txt --seq-len 256
+	@rm -rf $(DEMO_DIR)
+	@if [ -d $(SHARED)/models/tinystories-8L ]; then \
+		echo "make: demo on $(SHARED)/models/tinystories-8L (results in $(DEMO_DIR))"; \
+		./$(BIN) run --model $(SHARED)/models/tinystories-8L \
+			--calib $(SHARED)/data/tinystories/train.txt --train $(SHARED)/data/tinystories/train.txt \
+			--num-prune 2 --teachers 2 --eval $(SHARED)/data/tinystories/valid.txt \
+			--out $(DEMO_DIR)/model --report $(DEMO_DIR)/report; \
+	else \
+		echo "make: $(SHARED)/models/tinystories-8L is missing; running the demo on a synthetic model instead"; \
+		./$(BIN) synth --out $(DEMO_DIR)/synth --dim 128 --layers 6 --heads 4 --kv-heads 2 --ffn 352 --vocab 512 --data $(DEMO_DIR)/synth-data.jsonl && \
+		./$(BIN) run --model $(DEMO_DIR)/synth --calib $(DEMO_DIR)/synth-data.jsonl --train $(DEMO_DIR)/synth-data.jsonl \
+			--num-prune 1 --teachers 2 --out $(DEMO_DIR)/model --report $(DEMO_DIR)/report; \
+	fi
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzSafetensorsHeader -fuzztime 30s ./model/

@@ -348,13 +348,6 @@ func printPruneTable(w io.Writer, res pruneResult, scores map[string]patch.Score
 	if scores == nil {
 		return
 	}
-	dense := scores[patch.DenseName].PPL
-	fmt.Fprintln(w)
-	fmt.Fprintln(w, "| model | perplexity | vs dense | KL to dense | top-1 agreement |")
-	fmt.Fprintln(w, "|---|---:|---:|---:|---:|")
-	for _, n := range patch.SortedNames(scores) {
-		sc := scores[n]
-		fmt.Fprintf(w, "| %s | %.4f | %+.2f%% | %.5f | %.2f%% |\n", n, sc.PPL, 100*(sc.PPL/dense-1), sc.KL, 100*sc.Top1)
-	}
+	printScores(w, scores)
 	fmt.Fprintln(w)
 }

@@ -328,11 +328,37 @@ func runPipeline(cmd *cobra.Command, s settings, nTeachers int, withWriter bool)
 			res.Cache = summarize(mf, filepath.Join(rs.runDir, "cache"), rs.plan)
 		}
 	}
-	if err := exportTrainingFree(ctx, conn.js, names, rs, fit, m); err != nil {
+	if m == nil {
+		if m, err = model.Load(rs.spec.modelPath); err != nil {
+			return err
+		}
+	}
+	p0, err := loadPatch0(ctx, conn.js, names, fit, m.Dim)
+	if err != nil {
 		return err
+	}
+	if err := exportPatched(rs, fit, m, p0, fit.Method, nil); err != nil {
+		return err
+	}
+	variants := []patch.Variant{{Name: string(patch.MethodNone)}}
+	if fit.Method != string(patch.MethodNone) {
+		variants = append(variants, patch.Variant{Name: fit.Method, P: p0})
+	}
+	scores, err := evaluateRun(ctx, rs, m, fit, variants, p0)
+	if err != nil {
+		return err
+	}
+	if scores != nil {
+		res.PPL = map[string]float64{}
+		for n, sc := range scores {
+			res.PPL[n] = sc.PPL
+		}
 	}
 	res.Secs = time.Since(began).Seconds()
 	printRunSummary(cmd.OutOrStdout(), res)
+	if scores != nil {
+		printScores(cmd.OutOrStdout(), scores)
+	}
 	if rs.spec.json {
 		return json.NewEncoder(cmd.OutOrStdout()).Encode(res)
 	}
@@ -360,37 +386,87 @@ func summarize(mf *shards.Manifest, dir string, p *coordinator.Plan) *cacheSumma
 	return cs
 }
 
-// exportTrainingFree writes the training-free patched model to --out.
-func exportTrainingFree(ctx context.Context, js jetstream.JetStream, names worker.Names, rs *runSetup, fit coordinator.FitResult, m *model.Model) error {
-	if m == nil {
-		var err error
-		if m, err = model.Load(rs.spec.modelPath); err != nil {
-			return err
-		}
+// loadPatch0 reads the training-free patch the coordinator stored (nil for none).
+func loadPatch0(ctx context.Context, js jetstream.JetStream, names worker.Names, fit coordinator.FitResult, dim int) (*tensor.Matrix, error) {
+	if !fit.HasP {
+		return nil, nil
 	}
-	var P *tensor.Matrix
-	if fit.HasP {
-		obj, err := js.ObjectStore(ctx, names.ObjectStore())
-		if err != nil {
-			return err
-		}
-		b, err := obj.GetBytes(ctx, coordinator.ObjPatch0)
-		if err != nil {
-			return fmt.Errorf("training-free patch: %w", err)
-		}
-		v, err := coordinator.DecodeFloat32s(b)
-		if err != nil {
-			return err
-		}
-		P = tensor.FromData(m.Dim, m.Dim, v)
+	obj, err := js.ObjectStore(ctx, names.ObjectStore())
+	if err != nil {
+		return nil, err
 	}
+	b, err := obj.GetBytes(ctx, coordinator.ObjPatch0)
+	if err != nil {
+		return nil, fmt.Errorf("training-free patch: %w", err)
+	}
+	v, err := coordinator.DecodeFloat32s(b)
+	if err != nil {
+		return nil, err
+	}
+	if len(v) != dim*dim {
+		return nil, fmt.Errorf("training-free patch has %d values, want %d×%d", len(v), dim, dim)
+	}
+	return tensor.FromData(dim, dim, v), nil
+}
+
+// exportPatched writes the pruned model with patch P (method names it) to --out.
+func exportPatched(rs *runSetup, fit coordinator.FitResult, m *model.Model, P *tensor.Matrix, method string, extra map[string]any) error {
+	if extra == nil {
+		extra = map[string]any{}
+	}
+	extra["run_id"] = rs.plan.RunID
 	rec := patch.Record{
 		Source: patch.SourceModel{Path: rs.spec.modelPath, Fingerprint: rs.plan.Settings.Fingerprint, Layers: m.Config.Layers, Dim: m.Dim},
-		Start:  fit.Start, End: fit.End, Method: fit.Method, Scale: fit.Scale, Cosine: fit.Cosine, Ridge: rs.spec.ridge,
+		Start:  fit.Start, End: fit.End, Method: method, Scale: fit.Scale, Cosine: fit.Cosine, Ridge: rs.spec.ridge,
 		Calibration: patch.Calibration{File: rs.spec.calib, Windows: rs.plan.CalibWindows, SeqLen: rs.spec.seqLen, Tokens: fit.Tokens},
-		Extra:       map[string]any{"run_id": rs.plan.RunID},
+		Extra:       extra,
 	}
 	return patch.Export(rs.spec.out, m, P, rec)
+}
+
+// evaluateRun compares the variants on --eval (nil scores without it) and writes the
+// report when --report is set.
+func evaluateRun(ctx context.Context, rs *runSetup, m *model.Model, fit coordinator.FitResult, variants []patch.Variant, chosen *tensor.Matrix, extra ...string) (map[string]patch.Score, error) {
+	var scores map[string]patch.Score
+	if rs.spec.eval != "" {
+		windows, err := loadWindows(rs.spec.modelPath, rs.spec.eval, m.Vocab, rs.spec.seqLen, rs.spec.evalWindows)
+		if err != nil {
+			return nil, err
+		}
+		bar := newProgress("evaluate", "windows", len(windows))
+		scores, err = patch.Compare(ctx, m, windows, fit.Start, fit.End, variants, bar.Set)
+		bar.Finish()
+		if err != nil {
+			return nil, err
+		}
+	}
+	if rs.spec.report != "" {
+		calib := model.Windows(rs.calib, rs.spec.seqLen, 8)
+		h, _ := patch.NewHadamard(m.Dim)
+		prof, err := patch.ProfileCut(ctx, m, h, calib, fit.Start, fit.End, chosen)
+		if err != nil {
+			return nil, err
+		}
+		in := patch.ReportInput{Model: rs.spec.modelPath, NumPrune: rs.spec.numPrune, Start: fit.Start, End: fit.End,
+			Method: variants[len(variants)-1].Name, AllowEdges: rs.spec.allowEdges, Cosine: fit.Cosine, Scores: scores, Profile: prof,
+			Extra: append([]string{fmt.Sprintf("Run %s; calibration: %d windows of %d tokens from `%s`.", rs.plan.RunID, rs.plan.CalibWindows, rs.spec.seqLen, rs.spec.calib)}, extra...)}
+		if err := patch.WriteReport(rs.spec.report, in); err != nil {
+			return nil, err
+		}
+	}
+	return scores, nil
+}
+
+// printScores prints the comparison table.
+func printScores(w io.Writer, scores map[string]patch.Score) {
+	dense := scores[patch.DenseName].PPL
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| model | perplexity | vs dense | KL to dense | top-1 agreement |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|---:|")
+	for _, n := range patch.SortedNames(scores) {
+		sc := scores[n]
+		fmt.Fprintf(w, "| %s | %.4f | %+.2f%% | %.5f | %.2f%% |\n", n, sc.PPL, 100*(sc.PPL/dense-1), sc.KL, 100*sc.Top1)
+	}
 }
 
 func printRunSummary(w io.Writer, r runResult) {

@@ -1,9 +1,12 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -39,7 +42,13 @@ benchmarks and tests. It has no tokenizer: give it JSON Lines token data.`,
 			if err != nil {
 				return err
 			}
-			return saveModelDir(m, out)
+			if err := saveModelDir(m, out); err != nil {
+				return err
+			}
+			if path := s.str("data"); path != "" {
+				return writeRandomTokens(path, s.num("data-tokens"), cfg.Vocab, s.uint64("seed"))
+			}
+			return nil
 		},
 	}
 	f := cmd.Flags()
@@ -55,6 +64,8 @@ benchmarks and tests. It has no tokenizer: give it JSON Lines token data.`,
 	f.Bool("tied", false, "share the embedding matrix with the head")
 	f.Bool("qkv-bias", false, "add q/k/v biases (writes a qwen2 model)")
 	f.Uint64("seed", 1, "random seed")
+	f.String("data", "", "also write uniformly random token data (JSON Lines) to this file")
+	f.Int("data-tokens", 1<<16, "tokens of --data")
 	return cmd
 }
 
@@ -81,4 +92,28 @@ func saveModelDir(m *model.Model, dir string) error {
 		return err
 	}
 	return nil
+}
+
+// writeRandomTokens writes n uniformly random token ids as JSON Lines of 1024 ids a line,
+// each line starting with BOS (id 1).
+func writeRandomTokens(path string, n, vocab int, seed uint64) error {
+	if n < 1 {
+		return fmt.Errorf("--data-tokens must be positive")
+	}
+	rng := rand.New(rand.NewPCG(seed, 2))
+	var b strings.Builder
+	for lo := 0; lo < n; lo += 1024 {
+		ids := make([]int, min(1024, n-lo))
+		for i := range ids {
+			ids[i] = rng.IntN(vocab)
+		}
+		ids[0] = 1
+		line, _ := json.Marshal(map[string][]int{"input_ids": ids})
+		b.Write(line)
+		b.WriteByte('\n')
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(path, []byte(b.String()), 0o644)
 }
