@@ -491,6 +491,22 @@ func LoadStats(runDir string, p *Plan) (*patch.Stats, error) {
 // stores it (idempotent: a stored fit is reused after a restart).
 func (c *Coordinator) fitPatch(ctx context.Context) error {
 	if c.fit != nil {
+		if _, err := os.Stat(filepath.Join(c.o.RunDir, FitFile)); err != nil {
+			// Restarted with a fit in the bucket but not in the run directory.
+			var P []float32
+			if c.fit.HasP {
+				b, err := c.obj.GetBytes(ctx, ObjPatch0)
+				if err != nil {
+					return fmt.Errorf("coordinator: stored patch: %w", err)
+				}
+				if P, err = DecodeFloat32s(b); err != nil {
+					return err
+				}
+			}
+			if err := WriteFit(c.o.RunDir, *c.fit, P); err != nil {
+				return err
+			}
+		}
 		if c.o.OnFit != nil {
 			c.o.OnFit(*c.fit)
 		}
@@ -509,6 +525,13 @@ func (c *Coordinator) fitPatch(ctx context.Context) error {
 		if _, err := c.obj.PutBytes(ctx, ObjPatch0, EncodeFloat32s(P.Data)); err != nil {
 			return fmt.Errorf("coordinator: store patch: %w", err)
 		}
+	}
+	var pData []float32
+	if P != nil {
+		pData = P.Data
+	}
+	if err := WriteFit(c.o.RunDir, res, pData); err != nil {
+		return err
 	}
 	if err := c.putJSON(ctx, KeyFit, res); err != nil {
 		return err
@@ -654,4 +677,65 @@ func writeFileAtomic(path string, data []byte) error {
 		os.Remove(f.Name())
 	}
 	return err
+}
+
+// Files of the run directory that make it self-contained for the offline student.
+const (
+	PlanFile   = "plan.json"  // the Plan
+	FitFile    = "fit.json"   // the FitResult
+	Patch0File = "patch0.f32" // the training-free patch, d×d float32 little-endian (absent for none)
+)
+
+// WritePlan writes plan.json into the run directory.
+func WritePlan(runDir string, p *Plan) error {
+	b, err := json.MarshalIndent(p, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(filepath.Join(runDir, PlanFile), b)
+}
+
+// WriteFit writes fit.json and, when P is non-nil, patch0.f32 into the run directory.
+func WriteFit(runDir string, f FitResult, P []float32) error {
+	if P != nil {
+		if err := writeFileAtomic(filepath.Join(runDir, Patch0File), EncodeFloat32s(P)); err != nil {
+			return err
+		}
+	}
+	b, err := json.MarshalIndent(f, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(filepath.Join(runDir, FitFile), b)
+}
+
+// ReadRunDir reads the plan, the fit and the training-free patch (nil for none) of a run
+// directory, as the offline student needs them.
+func ReadRunDir(runDir string) (*Plan, *FitResult, []float32, error) {
+	var p Plan
+	var f FitResult
+	for _, x := range []struct {
+		name string
+		v    any
+	}{{PlanFile, &p}, {FitFile, &f}} {
+		b, err := os.ReadFile(filepath.Join(runDir, x.name))
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("coordinator: run directory %s: %w (has its stats phase finished?)", runDir, err)
+		}
+		if err := json.Unmarshal(b, x.v); err != nil {
+			return nil, nil, nil, fmt.Errorf("coordinator: %s: %w", filepath.Join(runDir, x.name), err)
+		}
+	}
+	if !f.HasP {
+		return &p, &f, nil, nil
+	}
+	b, err := os.ReadFile(filepath.Join(runDir, Patch0File))
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("coordinator: %w", err)
+	}
+	P, err := DecodeFloat32s(b)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return &p, &f, P, nil
 }

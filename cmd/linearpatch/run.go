@@ -161,7 +161,13 @@ func prepareRun(s settings) (*runSetup, error) {
 	if err := os.MkdirAll(runDir, 0o755); err != nil {
 		return nil, err
 	}
+	if b, err := os.ReadFile(filepath.Join(runDir, "run.id")); err == nil && strings.TrimSpace(string(b)) != plan.RunID {
+		return nil, fmt.Errorf("%s holds run %s; these settings make run %s: use another --run-dir (or --out)", runDir, strings.TrimSpace(string(b)), plan.RunID)
+	}
 	if err := os.WriteFile(filepath.Join(runDir, "run.id"), []byte(plan.RunID), 0o644); err != nil {
+		return nil, err
+	}
+	if err := coordinator.WritePlan(runDir, plan); err != nil {
 		return nil, err
 	}
 	return &runSetup{spec: spec, cfg: cfg, plan: plan, calib: calib, train: train, runDir: runDir}, nil

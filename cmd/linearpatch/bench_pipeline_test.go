@@ -1,0 +1,258 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"linearpatch/shards"
+)
+
+// Teacher-scaling benchmark settings: the engine benchmark's synthetic model, windows of
+// benchSeqLen tokens, one window per shard.
+const (
+	benchSeqLen       = 128
+	benchCalibWindows = 4
+	benchTrainWindows = 24 // LINEARPATCH_BENCH_WINDOWS overrides
+)
+
+// scalingConfig is one teacher configuration of BenchmarkTeacherScaling.
+type scalingConfig struct {
+	name     string
+	teachers int
+	threads  int
+}
+
+// scalingResult is what one configuration measured.
+type scalingResult struct {
+	tokens    int64
+	secs      float64
+	fileBytes int64
+}
+
+func (r scalingResult) tokensPerSec() float64 { return float64(r.tokens) / r.secs }
+
+// BenchmarkTeacherScaling runs the pipeline as processes (coordinator with its embedded
+// NATS, cache writer, teachers) on the engine benchmark's synthetic model (d = 1024, 8
+// layers, ffn 2816, vocab 32000, 16 heads, 8 kv-heads) and reports the cache phase's
+// tokens/s for 1 teacher × 1 thread, 2 teachers × 1 thread and 1 teacher × 2 threads.
+//
+// The cache phase is timed from the coordinator's own log: from its "phase phase=cache"
+// line (every stats shard done, the training-free patch fitted, cache tasks about to be
+// published) to its "phase phase=done" line (every cache shard's file written by the
+// cache writer and recorded). Tokens are those of the cache manifest. So the rate covers
+// the whole cache path — teacher forward and top-k, encoding, JetStream, the writer's
+// decode and shard files — but not process start-up, model loading or the stats phase;
+// the benchmark fails if a teacher was not ready before the cache phase began.
+//
+// It needs LINEARPATCH_BENCH_PIPELINE=1 (several minutes; `make bench` sets it).
+func BenchmarkTeacherScaling(b *testing.B) {
+	if os.Getenv("LINEARPATCH_BENCH_PIPELINE") != "1" {
+		b.Skip("set LINEARPATCH_BENCH_PIPELINE=1 to run the pipeline benchmark (several minutes)")
+	}
+	trainWindows := benchTrainWindows
+	if v := os.Getenv("LINEARPATCH_BENCH_WINDOWS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 2 {
+			b.Fatalf("LINEARPATCH_BENCH_WINDOWS=%q: want an integer ≥ 2", v)
+		}
+		trainWindows = n
+	}
+	dir := b.TempDir()
+	modelDir := filepath.Join(dir, "model")
+	if _, err := runCLI(b, "synth", "--out", modelDir, "--dim", "1024", "--layers", "8", "--heads", "16", "--kv-heads", "8",
+		"--ffn", "2816", "--vocab", "32000", "--seed", "11"); err != nil {
+		b.Fatal(err)
+	}
+	calib, train := filepath.Join(dir, "calib.jsonl"), filepath.Join(dir, "train.jsonl")
+	writeBenchTokens(b, calib, benchCalibWindows, 32000, 1)
+	writeBenchTokens(b, train, trainWindows, 32000, 2)
+
+	configs := []scalingConfig{{"teachers=1/threads=1", 1, 1}, {"teachers=2/threads=1", 2, 1}, {"teachers=1/threads=2", 1, 2}}
+	results := map[string]scalingResult{}
+	for i, c := range configs {
+		b.Run(c.name, func(b *testing.B) {
+			var sum scalingResult
+			for n := range b.N {
+				r := runCacheBench(b, filepath.Join(dir, fmt.Sprintf("c%d-%d", i, n)), modelDir, calib, train, c)
+				sum.tokens += r.tokens
+				sum.secs += r.secs
+				sum.fileBytes += r.fileBytes
+			}
+			results[c.name] = sum
+			b.ReportMetric(sum.tokensPerSec(), "tokens/s")
+			b.ReportMetric(sum.secs/float64(b.N), "cache-s")
+			b.ReportMetric(float64(sum.fileBytes)/float64(sum.tokens), "file-B/token")
+		})
+	}
+	base, ok := results[configs[0].name]
+	if !ok {
+		return
+	}
+	fmt.Printf("\nteacher scaling, d=1024 synthetic model, %d train windows × %d tokens, shard-windows 1, k=50, float16, zstd\n\n",
+		trainWindows, benchSeqLen)
+	fmt.Println("| configuration | tokens | cache phase s | tokens/s | vs 1×1 | file B/token |")
+	fmt.Println("|---|---:|---:|---:|---:|---:|")
+	for _, c := range configs {
+		r, ok := results[c.name]
+		if !ok {
+			continue
+		}
+		fmt.Printf("| %d teacher(s) × %d thread(s) | %d | %.1f | %.1f | %.2f× | %.1f |\n", c.teachers, c.threads, r.tokens, r.secs,
+			r.tokensPerSec(), r.tokensPerSec()/base.tokensPerSec(), float64(r.fileBytes)/float64(r.tokens))
+	}
+	fmt.Println()
+}
+
+// writeBenchTokens writes windows × benchSeqLen uniformly random token ids as one JSON line.
+func writeBenchTokens(tb testing.TB, path string, windows, vocab int, seed uint64) {
+	tb.Helper()
+	rng := rand.New(rand.NewPCG(seed, 17))
+	ids := make([]int, windows*benchSeqLen)
+	for i := range ids {
+		ids[i] = rng.IntN(vocab)
+	}
+	j, err := json.Marshal(map[string][]int{"input_ids": ids})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := os.WriteFile(path, append(j, '\n'), 0o644); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// startBenchProc starts the binary like startProc, for any testing.TB, at info level.
+func startBenchProc(tb testing.TB, name string, args ...string) *proc {
+	tb.Helper()
+	p := &proc{name: name, cmd: exec.Command(binPath, args...), out: &syncBuffer{}, done: make(chan error, 1)}
+	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+	p.cmd.Env = append(os.Environ(), "LINEARPATCH_LOG_LEVEL=info")
+	if err := p.cmd.Start(); err != nil {
+		tb.Fatalf("start %s: %v", name, err)
+	}
+	go func() { p.done <- p.cmd.Wait() }()
+	tb.Cleanup(func() {
+		p.kill()
+		<-p.done
+	})
+	return p
+}
+
+// waitProc waits up to d for p to exit and returns its error.
+func waitProc(tb testing.TB, p *proc, d time.Duration) error {
+	tb.Helper()
+	select {
+	case err := <-p.done:
+		p.done <- err
+		return err
+	case <-time.After(d):
+		tb.Fatalf("%s did not finish in %v\n%s", p.name, d, tail(p.out.String(), 3000))
+		return nil
+	}
+}
+
+// runCacheBench runs one configuration from scratch in dir and measures its cache phase.
+func runCacheBench(tb testing.TB, dir, modelDir, calib, train string, c scalingConfig) scalingResult {
+	tb.Helper()
+	runDir := filepath.Join(dir, "run")
+	if err := os.MkdirAll(runDir, 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	coord := startBenchProc(tb, "coordinator", "coordinator", "--nats-listen", "127.0.0.1:0", "--threads", "1",
+		"--model", modelDir, "--calib", calib, "--train", train, "--num-prune", "2", "--method", "rotate",
+		"--seq-len", strconv.Itoa(benchSeqLen), "--calib-windows", strconv.Itoa(benchCalibWindows), "--shard-windows", "1",
+		"--top-k", "50", "--act-dtype", "float16", "--compression", "zstd",
+		"--out", filepath.Join(dir, "out"), "--run-dir", runDir, "--json")
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		_, errURL := os.Stat(filepath.Join(runDir, "nats.url"))
+		_, errID := os.Stat(filepath.Join(runDir, "run.id"))
+		if errURL == nil && errID == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("the coordinator wrote no nats.url and run.id in 60s\n%s", tail(coord.out.String(), 3000))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	all := []*proc{coord, startBenchProc(tb, "cache", "cache", "--threads", "1", "--run-dir", runDir, "--model", modelDir)}
+	var teachers []*proc
+	for i := range c.teachers {
+		p := startBenchProc(tb, fmt.Sprintf("teacher %d", i), "teacher", "--threads", strconv.Itoa(c.threads),
+			"--run-dir", runDir, "--model", modelDir, "--name", fmt.Sprintf("t%d", i))
+		teachers = append(teachers, p)
+		all = append(all, p)
+	}
+	dump := func() string {
+		var s strings.Builder
+		for _, p := range all {
+			fmt.Fprintf(&s, "==== %s ====\n%s\n", p.name, tail(p.out.String(), 2000))
+		}
+		return s.String()
+	}
+	if err := waitProc(tb, coord, 10*time.Minute); err != nil {
+		tb.Fatalf("coordinator: %v\n%s", err, dump())
+	}
+	began, err := logTime(coord.out.String(), "phase", "phase=cache")
+	if err != nil {
+		tb.Fatalf("%v\n%s", err, dump())
+	}
+	ended, err := logTime(coord.out.String(), "phase", "phase=done")
+	if err != nil {
+		tb.Fatalf("%v\n%s", err, dump())
+	}
+	for _, p := range teachers {
+		ready, err := logTime(p.out.String(), `"teacher ready"`, "")
+		if err != nil {
+			tb.Fatalf("%s: %v\n%s", p.name, err, dump())
+		}
+		if ready.After(began) {
+			tb.Fatalf("%s was ready %v after the cache phase began: the measurement would include its start-up", p.name, ready.Sub(began))
+		}
+	}
+	mf, err := shards.LoadManifest(filepath.Join(runDir, "cache", "manifest.json"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var r scalingResult
+	for _, e := range mf.Shards {
+		if e.Split == "stats" {
+			continue
+		}
+		r.tokens += int64(e.Tokens)
+		r.fileBytes += e.Bytes
+	}
+	if r.tokens == 0 {
+		tb.Fatalf("the cache manifest holds no tokens\n%s", dump())
+	}
+	r.secs = ended.Sub(began).Seconds()
+	for _, p := range all[1:] {
+		_ = waitProc(tb, p, time.Minute) // teachers and the writer exit once the run is done
+	}
+	return r
+}
+
+// logTime returns the time= of the first slog text line of log whose msg is msg and that
+// contains attr (if not empty).
+func logTime(log, msg, attr string) (time.Time, error) {
+	sc := bufio.NewScanner(strings.NewReader(log))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, "time=") || !strings.Contains(line+" ", " msg="+msg+" ") ||
+			attr != "" && !strings.Contains(line+" ", " "+attr+" ") {
+			continue
+		}
+		f, _, _ := strings.Cut(strings.TrimPrefix(line, "time="), " ")
+		return time.Parse(time.RFC3339Nano, f)
+	}
+	return time.Time{}, fmt.Errorf("no log line msg=%s %s", msg, attr)
+}
