@@ -47,11 +47,14 @@ func WriteCurvePNG(path string, train, valid []CurvePoint) (err error) {
 		if err != nil {
 			return err
 		}
-		raw.Color = colTrainRaw
-		raw.Width = vg.Points(0.75)
+		w := len(tr) / 50
+		raw.Color, raw.Width = colTrainSmooth, vg.Points(1)
+		if w > 1 { // the raw curve goes to the background behind its moving average
+			raw.Color, raw.Width = colTrainRaw, vg.Points(0.75)
+		}
 		p.Add(raw)
 		p.Legend.Add("train (per step)", raw)
-		if w := len(tr) / 50; w > 1 {
+		if w > 1 {
 			sm, err := plotter.NewLine(movingAverage(tr, w))
 			if err != nil {
 				return err

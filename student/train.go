@@ -43,8 +43,9 @@ type TrainConfig struct {
 	// EarlyStop stops after this many epochs in a row without a new best validation loss
 	// (0: never). Needs validation windows.
 	EarlyStop int `json:"early_stop"`
-	// ValidEvery adds a validation pass every so many steps (0: only after each epoch, and
-	// on P0 before the first step).
+	// ValidEvery adds a validation pass every so many steps (0: only after each epoch). P0
+	// is validated too, as step 0, when the first pass is due. Each pass needs every
+	// validation shard: a student started before the cache is complete waits for them.
 	ValidEvery int `json:"valid_every"`
 }
 
@@ -436,27 +437,34 @@ func (t *Trainer) Run(ctx context.Context, resume bool) (*Result, error) {
 	}
 	for {
 		if t.validDue(ck.Step) && !validated(ck, ck.Step) {
-			v, err := t.validate(ctx, ck)
+			if len(ck.ValidLoss) == 0 {
+				// P0's pass, deferred to the first one due: the validation shards come last
+				// in the plan, so a student started before the cache is complete would
+				// otherwise wait for the whole cache before its first step.
+				t.s.SetP(t.p0)
+				v0, err := t.validate(ctx, ck, 0)
+				t.s.SetP(ck.P)
+				if err != nil {
+					return abort(err)
+				}
+				t.recordValid(ck, 0, v0, t.p0)
+			}
+			v, err := t.validate(ctx, ck, ck.Step)
 			if err != nil {
 				return abort(err)
 			}
-			ck.ValidLoss = append(ck.ValidLoss, CurvePoint{ck.Step, v})
-			if v < ck.BestValid {
-				ck.BestValid, ck.BestStep = v, ck.Step
-				ck.BestP = append(ck.BestP[:0], ck.P...)
-			}
-			t.log.Info("student: validation", "step", ck.Step, "loss", v, "best", ck.BestValid, "best_step", ck.BestStep)
+			t.recordValid(ck, ck.Step, v, ck.P)
 		}
 		if ck.Step >= t.total || t.stopEarly(ck) {
 			break
+		}
+		if err := ctx.Err(); err != nil {
+			return abort(fmt.Errorf("student: training interrupted at step %d: %w", ck.Step, err))
 		}
 		if t.cfg.CheckpointEvery > 0 && ck.Step%t.cfg.CheckpointEvery == 0 && ck.Step != lastSaved {
 			if err := save(ctx); err != nil {
 				return nil, err
 			}
-		}
-		if err := ctx.Err(); err != nil {
-			return abort(fmt.Errorf("student: training interrupted at step %d: %w", ck.Step, err))
 		}
 		info, err := t.step(ctx, ck, adam)
 		if err != nil {
@@ -540,13 +548,23 @@ func (t *Trainer) check(ck *Checkpoint) error {
 	return nil
 }
 
-// validDue reports whether a validation pass belongs at step: before the first step, at
-// every epoch end, every ValidEvery steps.
+// validDue reports whether a validation pass belongs at step: at every epoch end and every
+// ValidEvery steps (P0's, at step 0, is run with the first of them).
 func (t *Trainer) validDue(step int) bool {
-	if t.data.ValidWindows() == 0 {
+	if t.data.ValidWindows() == 0 || step == 0 {
 		return false
 	}
-	return step == 0 || step%t.spe == 0 || (t.cfg.ValidEvery > 0 && step%t.cfg.ValidEvery == 0)
+	return step%t.spe == 0 || (t.cfg.ValidEvery > 0 && step%t.cfg.ValidEvery == 0)
+}
+
+// recordValid adds the validation loss v of patch p at step to the curve and the best.
+func (t *Trainer) recordValid(ck *Checkpoint, step int, v float64, p []float32) {
+	ck.ValidLoss = append(ck.ValidLoss, CurvePoint{step, v})
+	if v < ck.BestValid {
+		ck.BestValid, ck.BestStep = v, step
+		ck.BestP = append(ck.BestP[:0], p...)
+	}
+	t.log.Info("student: validation", "step", step, "loss", v, "best", ck.BestValid, "best_step", ck.BestStep)
 }
 
 func validated(ck *Checkpoint, step int) bool {
@@ -634,12 +652,13 @@ func (t *Trainer) step(ctx context.Context, ck *Checkpoint, adam *AdamW) (Progre
 	return ProgressInfo{Step: ck.Step, TotalSteps: t.total, Epoch: e, Loss: loss, GradNorm: math.Sqrt(g2), LR: lr}, nil
 }
 
-// validate returns the mean loss of P over all validation windows (batches of cfg.Batch).
-func (t *Trainer) validate(ctx context.Context, ck *Checkpoint) (float64, error) {
+// validate returns the mean loss of the suffix's patch (P at step) over all validation
+// windows, in batches of cfg.Batch.
+func (t *Trainer) validate(ctx context.Context, ck *Checkpoint, step int) (float64, error) {
 	var sum float64
 	for lo := 0; lo < len(t.valid); lo += t.cfg.Batch {
 		if err := ctx.Err(); err != nil {
-			return 0, fmt.Errorf("student: validation interrupted at step %d: %w", ck.Step, err)
+			return 0, fmt.Errorf("student: validation at step %d interrupted: %w", step, err)
 		}
 		ex, err := t.batch(ctx, ck, t.valid[lo:min(lo+t.cfg.Batch, len(t.valid))])
 		if err != nil {
@@ -647,7 +666,7 @@ func (t *Trainer) validate(ctx context.Context, ck *Checkpoint) (float64, error)
 		}
 		l, err := t.s.Loss(ex)
 		if err != nil {
-			return 0, fmt.Errorf("student: validation at step %d: %w", ck.Step, err)
+			return 0, fmt.Errorf("student: validation at step %d: %w", step, err)
 		}
 		sum += l * float64(len(ex))
 	}

@@ -43,7 +43,8 @@ func (r scalingResult) tokensPerSec() float64 { return float64(r.tokens) / r.sec
 // BenchmarkTeacherScaling runs the pipeline as processes (coordinator with its embedded
 // NATS, cache writer, teachers) on the engine benchmark's synthetic model (d = 1024, 8
 // layers, ffn 2816, vocab 32000, 16 heads, 8 kv-heads) and reports the cache phase's
-// tokens/s for 1 teacher × 1 thread, 2 teachers × 1 thread and 1 teacher × 2 threads.
+// tokens/s for 1 teacher × 1 thread, 2 teachers × 1 thread and 1 teacher × 2 threads, and
+// the ratios to the first.
 //
 // The cache phase is timed from the coordinator's own log: from its "phase phase=cache"
 // line (every stats shard done, the training-free patch fitted, cache tasks about to be
@@ -53,7 +54,13 @@ func (r scalingResult) tokensPerSec() float64 { return float64(r.tokens) / r.sec
 // decode and shard files — but not process start-up, model loading or the stats phase;
 // the benchmark fails if a teacher was not ready before the cache phase began.
 //
-// It needs LINEARPATCH_BENCH_PIPELINE=1 (several minutes; `make bench` sets it).
+// One op is a round of the three configurations, each a fresh run; rounds rotate the
+// order, so on a shared machine a burst of foreign load does not always hit the same
+// configuration (-benchtime 2x or more for several rounds). The metrics are totals over
+// all rounds (tokens / seconds).
+//
+// It needs LINEARPATCH_BENCH_PIPELINE=1 (several minutes a round; `make bench` sets it).
+// LINEARPATCH_BENCH_WINDOWS sets the training windows per run (default 24 × 128 tokens).
 func BenchmarkTeacherScaling(b *testing.B) {
 	if os.Getenv("LINEARPATCH_BENCH_PIPELINE") != "1" {
 		b.Skip("set LINEARPATCH_BENCH_PIPELINE=1 to run the pipeline benchmark (several minutes)")
@@ -76,38 +83,35 @@ func BenchmarkTeacherScaling(b *testing.B) {
 	writeBenchTokens(b, calib, benchCalibWindows, 32000, 1)
 	writeBenchTokens(b, train, trainWindows, 32000, 2)
 
-	configs := []scalingConfig{{"teachers=1/threads=1", 1, 1}, {"teachers=2/threads=1", 2, 1}, {"teachers=1/threads=2", 1, 2}}
-	results := map[string]scalingResult{}
-	for i, c := range configs {
-		b.Run(c.name, func(b *testing.B) {
-			var sum scalingResult
-			for n := range b.N {
-				r := runCacheBench(b, filepath.Join(dir, fmt.Sprintf("c%d-%d", i, n)), modelDir, calib, train, c)
-				sum.tokens += r.tokens
-				sum.secs += r.secs
-				sum.fileBytes += r.fileBytes
-			}
-			results[c.name] = sum
-			b.ReportMetric(sum.tokensPerSec(), "tokens/s")
-			b.ReportMetric(sum.secs/float64(b.N), "cache-s")
-			b.ReportMetric(float64(sum.fileBytes)/float64(sum.tokens), "file-B/token")
-		})
-	}
-	base, ok := results[configs[0].name]
-	if !ok {
-		return
-	}
-	fmt.Printf("\nteacher scaling, d=1024 synthetic model, %d train windows × %d tokens, shard-windows 1, k=50, float16, zstd\n\n",
-		trainWindows, benchSeqLen)
-	fmt.Println("| configuration | tokens | cache phase s | tokens/s | vs 1×1 | file B/token |")
-	fmt.Println("|---|---:|---:|---:|---:|---:|")
-	for _, c := range configs {
-		r, ok := results[c.name]
-		if !ok {
-			continue
+	configs := []scalingConfig{{"1x1", 1, 1}, {"2x1", 2, 1}, {"1x2", 1, 2}}
+	results := make([]scalingResult, len(configs))
+	b.ResetTimer()
+	for round := range b.N {
+		for j := range configs {
+			i := (round + j) % len(configs)
+			r := runCacheBench(b, filepath.Join(dir, fmt.Sprintf("r%d-%s", round, configs[i].name)), modelDir, calib, train, configs[i])
+			results[i].tokens += r.tokens
+			results[i].secs += r.secs
+			results[i].fileBytes += r.fileBytes
 		}
-		fmt.Printf("| %d teacher(s) × %d thread(s) | %d | %.1f | %.1f | %.2f× | %.1f |\n", c.teachers, c.threads, r.tokens, r.secs,
-			r.tokensPerSec(), r.tokensPerSec()/base.tokensPerSec(), float64(r.fileBytes)/float64(r.tokens))
+	}
+	b.StopTimer()
+	base := results[0].tokensPerSec()
+	for i, c := range configs {
+		b.ReportMetric(results[i].tokensPerSec(), c.name+"-tokens/s")
+		if i > 0 {
+			b.ReportMetric(results[i].tokensPerSec()/base, c.name+"-vs-1x1")
+		}
+	}
+	b.ReportMetric(float64(results[0].fileBytes)/float64(results[0].tokens), "file-B/token")
+	fmt.Printf("\nteacher scaling (cache phase), d=1024 synthetic model, %d round(s) of %d windows × %d tokens, shard-windows 1, k=50, float16, zstd\n\n",
+		b.N, trainWindows, benchSeqLen)
+	fmt.Println("| teachers × threads | tokens | cache phase s | tokens/s | vs 1×1 | file B/token |")
+	fmt.Println("|---|---:|---:|---:|---:|---:|")
+	for i, c := range configs {
+		r := results[i]
+		fmt.Printf("| %d × %d | %d | %.1f | %.1f | %.2f× | %.1f |\n", c.teachers, c.threads, r.tokens, r.secs,
+			r.tokensPerSec(), r.tokensPerSec()/base, float64(r.fileBytes)/float64(r.tokens))
 	}
 	fmt.Println()
 }
