@@ -297,10 +297,26 @@ func (w *Writer) recordDone(ctx context.Context, e shards.ManifestEntry, source 
 		d.Source = source[0]
 	}
 	b, _ := json.Marshal(d)
-	if _, err := w.kv.Put(ctx, coordinator.DoneKey(coordinator.PhaseCache, e.Shard), b); err != nil {
-		return fmt.Errorf("cache: record shard %d: %w", e.Shard, err)
+	// The server may be restarting: retry until it answers or ctx ends.
+	wait := 100 * time.Millisecond
+	for {
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := w.kv.Put(pctx, coordinator.DoneKey(coordinator.PhaseCache, e.Shard), b)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("cache: record shard %d: %w", e.Shard, err)
+		}
+		w.log.Warn("recording a shard failed; retrying", "shard", e.Shard, "err", err)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 5*time.Second)
 	}
-	return nil
 }
 
 // checkCoverage verifies that rows hold exactly the shard's windows, each whole.

@@ -284,10 +284,30 @@ func (c *Coordinator) putJSON(ctx context.Context, key string, v any) error {
 	if err != nil {
 		return err
 	}
-	if _, err := c.kv.Put(ctx, key, b); err != nil {
-		return fmt.Errorf("coordinator: write %s: %w", key, err)
+	return c.put(ctx, key, b)
+}
+
+// put writes a key, retrying while the server is unavailable (a restart) until ctx ends.
+func (c *Coordinator) put(ctx context.Context, key string, b []byte) error {
+	wait := 100 * time.Millisecond
+	for {
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := c.kv.Put(pctx, key, b)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("coordinator: write %s: %w", key, err)
+		}
+		c.log.Warn("writing state failed; retrying", "key", key, "err", err)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("coordinator: write %s: %w", key, ctx.Err())
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 5*time.Second)
 	}
-	return nil
 }
 
 // perform carries out actions in order; it returns events that answer them at once.
@@ -302,8 +322,8 @@ func (c *Coordinator) perform(ctx context.Context, acts []Action, events chan<- 
 				}
 			}
 		case ActPersistPhase:
-			if _, err := c.kv.Put(ctx, KeyPhase, []byte(a.Phase)); err != nil {
-				return nil, fmt.Errorf("coordinator: write phase: %w", err)
+			if err := c.put(ctx, KeyPhase, []byte(a.Phase)); err != nil {
+				return nil, err
 			}
 			c.log.Info("phase", "phase", a.Phase)
 		case ActPublishTasks:

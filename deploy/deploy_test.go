@@ -267,6 +267,17 @@ func strs(v any) []string {
 	return out
 }
 
+// TestYAMLFiles decodes every document of every YAML file here.
+func TestYAMLFiles(t *testing.T) {
+	paths := files(t, ".", ".yml", ".yaml")
+	if len(paths) < 10 {
+		t.Fatalf("only %d YAML files: %v", len(paths), paths)
+	}
+	for _, path := range paths {
+		readYAML(t, path)
+	}
+}
+
 // ---- NATS server configurations ----
 
 // parseConf parses a nats-server configuration strictly (warnings fail too) and checks
@@ -994,4 +1005,5 @@ func TestReadmeCommands(t *testing.T) {
 	if found < 5 {
 		t.Errorf("README.md: only %d linearpatch commands found", found)
 	}
+	t.Logf("README.md: %d linearpatch commands checked", found)
 }
