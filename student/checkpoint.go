@@ -442,3 +442,15 @@ func curveFrom(steps []int64, loss []float64) ([]CurvePoint, error) {
 	}
 	return out, nil
 }
+
+// MarshalBinary encodes c in the checkpoint file format (for stores other than files).
+func (c *Checkpoint) MarshalBinary() ([]byte, error) {
+	var b bytes.Buffer
+	if err := encodeCheckpoint(&b, c); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), nil
+}
+
+// UnmarshalCheckpoint decodes the checkpoint file format. Errors wrap ErrCheckpointCorrupt.
+func UnmarshalCheckpoint(b []byte) (*Checkpoint, error) { return decodeCheckpoint(b) }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -36,6 +37,18 @@ type scalingResult struct {
 	tokens    int64
 	secs      float64
 	fileBytes int64
+	// CPU-seconds during the cache phase: of the teachers, of the coordinator and cache
+	// writer, and of everything else on the machine (other users included).
+	teacherCPU, pipelineCPU, foreignCPU float64
+}
+
+func (r *scalingResult) add(o scalingResult) {
+	r.tokens += o.tokens
+	r.secs += o.secs
+	r.fileBytes += o.fileBytes
+	r.teacherCPU += o.teacherCPU
+	r.pipelineCPU += o.pipelineCPU
+	r.foreignCPU += o.foreignCPU
 }
 
 func (r scalingResult) tokensPerSec() float64 { return float64(r.tokens) / r.secs }
@@ -53,6 +66,11 @@ func (r scalingResult) tokensPerSec() float64 { return float64(r.tokens) / r.sec
 // the whole cache path — teacher forward and top-k, encoding, JetStream, the writer's
 // decode and shard files — but not process start-up, model loading or the stats phase;
 // the benchmark fails if a teacher was not ready before the cache phase began.
+//
+// The machine's cores are shared, so the benchmark also reads /proc at the two log lines:
+// the CPU-seconds the teachers, the coordinator and writer, and everything else (other
+// users) used during the cache phase. Tokens per teacher CPU-second is the teachers' rate
+// whatever share of the machine they got; other-load-cores says how much they did not get.
 //
 // One op is a round of the three configurations, each a fresh run; rounds rotate the
 // order, so on a shared machine a burst of foreign load does not always hit the same
@@ -90,9 +108,7 @@ func BenchmarkTeacherScaling(b *testing.B) {
 		for j := range configs {
 			i := (round + j) % len(configs)
 			r := runCacheBench(b, filepath.Join(dir, fmt.Sprintf("r%d-%s", round, configs[i].name)), modelDir, calib, train, configs[i])
-			results[i].tokens += r.tokens
-			results[i].secs += r.secs
-			results[i].fileBytes += r.fileBytes
+			results[i].add(r)
 		}
 	}
 	b.StopTimer()
@@ -104,15 +120,25 @@ func BenchmarkTeacherScaling(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(results[0].fileBytes)/float64(results[0].tokens), "file-B/token")
+	var foreign, secs float64
+	for _, r := range results {
+		foreign += r.foreignCPU
+		secs += r.secs
+	}
+	b.ReportMetric(foreign/secs, "other-load-cores")
 	fmt.Printf("\nteacher scaling (cache phase), d=1024 synthetic model, %d round(s) of %d windows × %d tokens, shard-windows 1, k=50, float16, zstd\n\n",
 		b.N, trainWindows, benchSeqLen)
-	fmt.Println("| teachers × threads | tokens | cache phase s | tokens/s | vs 1×1 | file B/token |")
-	fmt.Println("|---|---:|---:|---:|---:|---:|")
+	fmt.Println("| teachers × threads | tokens | cache phase s | tokens/s | vs 1×1 | file B/token | teacher cores | tokens per teacher CPU-s | coordinator+cache cores | other load, cores |")
+	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 	for i, c := range configs {
 		r := results[i]
-		fmt.Printf("| %d × %d | %d | %.1f | %.1f | %.2f× | %.1f |\n", c.teachers, c.threads, r.tokens, r.secs,
-			r.tokensPerSec(), r.tokensPerSec()/base, float64(r.fileBytes)/float64(r.tokens))
+		fmt.Printf("| %d × %d | %d | %.1f | %.1f | %.2f× | %.1f | %.2f | %.1f | %.2f | %.2f |\n", c.teachers, c.threads, r.tokens, r.secs,
+			r.tokensPerSec(), r.tokensPerSec()/base, float64(r.fileBytes)/float64(r.tokens),
+			r.teacherCPU/r.secs, float64(r.tokens)/r.teacherCPU, r.pipelineCPU/r.secs, r.foreignCPU/r.secs)
 	}
+	fmt.Println("\n(cores: CPU-seconds during the cache phase / its wall time, from /proc; other load is the rest of the")
+	fmt.Println("machine's busy time, other users' jobs included. tokens per teacher CPU-s does not depend on how")
+	fmt.Println("much of the machine the teachers got: equal values mean the teachers scale with the cores they get.)")
 	fmt.Println()
 }
 
@@ -195,6 +221,7 @@ func runCacheBench(tb testing.TB, dir, modelDir, calib, train string, c scalingC
 		teachers = append(teachers, p)
 		all = append(all, p)
 	}
+	watch := watchCPU(coord, teachers, all)
 	dump := func() string {
 		var s strings.Builder
 		for _, p := range all {
@@ -238,10 +265,104 @@ func runCacheBench(tb testing.TB, dir, modelDir, calib, train string, c scalingC
 		tb.Fatalf("the cache manifest holds no tokens\n%s", dump())
 	}
 	r.secs = ended.Sub(began).Seconds()
+	if cpu, ok := <-watch; ok {
+		r.teacherCPU, r.pipelineCPU, r.foreignCPU = cpu.teacherCPU, cpu.pipelineCPU, cpu.foreignCPU
+	} else {
+		tb.Logf("%s: no CPU accounting (the cache phase was not seen in time)", c.name)
+	}
 	for _, p := range all[1:] {
 		_ = waitProc(tb, p, time.Minute) // teachers and the writer exit once the run is done
 	}
 	return r
+}
+
+// watchCPU samples, from /proc, the CPU time of the processes and of the whole machine
+// when the coordinator logs the cache phase's start and again at its end, and sends the
+// differences (closing the channel without a value if it missed either line).
+func watchCPU(coord *proc, teachers, all []*proc) <-chan scalingResult {
+	out := make(chan scalingResult, 1)
+	type sample struct{ teachers, pipeline, machine float64 }
+	take := func() sample {
+		var s sample
+		for _, p := range all {
+			t := procCPU(p.cmd.Process.Pid)
+			if slices.Contains(teachers, p) {
+				s.teachers += t
+			} else {
+				s.pipeline += t
+			}
+		}
+		s.machine = machineBusy()
+		return s
+	}
+	waitLine := func(attr string) bool {
+		for {
+			if _, err := logTime(coord.out.String(), "phase", attr); err == nil {
+				return true
+			}
+			select {
+			case err := <-coord.done:
+				coord.done <- err
+				_, err = logTime(coord.out.String(), "phase", attr)
+				return err == nil
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}
+	go func() {
+		defer close(out)
+		if !waitLine("phase=cache") {
+			return
+		}
+		a := take()
+		if !waitLine("phase=done") {
+			return
+		}
+		z := take()
+		ours := (z.teachers - a.teachers) + (z.pipeline - a.pipeline)
+		out <- scalingResult{teacherCPU: z.teachers - a.teachers, pipelineCPU: z.pipeline - a.pipeline,
+			foreignCPU: max(0, z.machine-a.machine-ours)}
+	}()
+	return out
+}
+
+// procCPU returns the user+system CPU seconds of process pid so far (0 if it is gone).
+func procCPU(pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	_, rest, ok := strings.Cut(string(b), ") ")
+	f := strings.Fields(rest)
+	if !ok || len(f) < 13 {
+		return 0
+	}
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (ut + st) / clockTicks
+}
+
+// clockTicks is USER_HZ, the unit of /proc CPU times (100 on every Linux architecture Go supports).
+const clockTicks = 100
+
+// machineBusy returns the machine's busy CPU seconds so far (all CPUs; /proc/stat's user,
+// nice, system, irq, softirq and steal).
+func machineBusy() float64 {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		return 0
+	}
+	var busy float64
+	for _, i := range []int{1, 2, 3, 6, 7, 8} {
+		v, _ := strconv.ParseFloat(f[i], 64)
+		busy += v
+	}
+	return busy / clockTicks
 }
 
 // logTime returns the time= of the first slog text line of log whose msg is msg and that

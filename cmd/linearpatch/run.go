@@ -22,6 +22,7 @@ import (
 	"linearpatch/model/tensor"
 	"linearpatch/patch"
 	"linearpatch/shards"
+	"linearpatch/student"
 	"linearpatch/teacher"
 	"linearpatch/worker"
 )
@@ -44,6 +45,8 @@ from its shard checkpoints.`,
 	addPruneFlags(cmd)
 	addRunFlags(cmd)
 	addNATSFlags(cmd)
+	addStudentFlags(cmd)
+	cmd.Flags().Bool("distill", true, "distill the patch from the cache (the student stage) and export the kd model")
 	cmd.Flags().Int("teachers", 2, "teacher workers in this process (0: rely on external `linearpatch teacher` processes)")
 	return cmd
 }
@@ -223,8 +226,25 @@ type runResult struct {
 	Scale  []float64          `json:"scale,omitempty"`
 	Out    string             `json:"out"`
 	Cache  *cacheSummary      `json:"cache,omitempty"`
+	KD     *kdSummary         `json:"kd,omitempty"`
 	PPL    map[string]float64 `json:"ppl,omitempty"`
 	Secs   float64            `json:"seconds"`
+}
+
+type kdSummary struct {
+	Steps      int     `json:"steps"`
+	Tokens     int64   `json:"tokens"`
+	FinalValid float64 `json:"final_valid_loss"`
+	Seconds    float64 `json:"seconds"`
+	Curve      string  `json:"curve"`
+}
+
+func copyFile(src, dst string) error {
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(dst, b, 0o644)
 }
 
 type cacheSummary struct {
@@ -286,8 +306,43 @@ func runPipeline(cmd *cobra.Command, s settings, nTeachers int, withWriter bool)
 		}
 	}
 	var fit coordinator.FitResult
-	coord, err := coordinator.New(coordinator.Options{Plan: rs.plan, NC: conn.nc, JS: conn.js, Names: names,
-		RunDir: rs.runDir, Lease: s.v.GetDuration("lease"), OnFit: func(f coordinator.FitResult) { fit = f }}, rs.cfg.Dim, rs.cfg.Vocab)
+	copts := coordinator.Options{Plan: rs.plan, NC: conn.nc, JS: conn.js, Names: names,
+		RunDir: rs.runDir, Lease: s.v.GetDuration("lease"), OnFit: func(f coordinator.FitResult) { fit = f }}
+	// The student starts as soon as the patch is fitted and trains on shards as they land;
+	// the coordinator's student phase waits for it.
+	distilling := withWriter && rs.plan.TrainWindows > 0 && s.flag("distill")
+	var trainCfg student.TrainConfig
+	studentDone := make(chan error, 1)
+	var kd *distillResult
+	if distilling {
+		if trainCfg, err = trainConfig(s, rs.plan.Settings.TopK); err != nil {
+			return err
+		}
+		obj, err := conn.js.ObjectStore(ctx, names.ObjectStore())
+		if err != nil {
+			return err
+		}
+		copts.OnFit = func(f coordinator.FitResult) {
+			fit = f
+			go func() {
+				plan, fitted, p0, err := coordinator.ReadRunDir(rs.runDir)
+				if err == nil {
+					kd, err = distill(ctx, distillSpec{runDir: rs.runDir, modelPath: rs.spec.modelPath, plan: plan, fit: *fitted,
+						p0: p0, cfg: trainCfg, resume: true, mirror: obj, log: slog.Default()})
+				}
+				studentDone <- err
+			}()
+		}
+		copts.Student = func(ctx context.Context) error {
+			select {
+			case err := <-studentDone:
+				return err
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	}
+	coord, err := coordinator.New(copts, rs.cfg.Dim, rs.cfg.Vocab)
 	if err != nil {
 		return err
 	}
@@ -343,14 +398,27 @@ func runPipeline(cmd *cobra.Command, s settings, nTeachers int, withWriter bool)
 	if err != nil {
 		return err
 	}
-	if err := exportPatched(rs, fit, m, p0, fit.Method, nil); err != nil {
-		return err
-	}
 	variants := []patch.Variant{{Name: string(patch.MethodNone)}}
 	if fit.Method != string(patch.MethodNone) {
 		variants = append(variants, patch.Variant{Name: fit.Method, P: p0})
 	}
-	scores, err := evaluateRun(ctx, rs, m, fit, variants, p0)
+	chosen := p0
+	var extra []string
+	if kd != nil {
+		if err := exportPatched(rs, fit, m, kd.P, "kd", kdExtra(kd, trainCfg)); err != nil {
+			return err
+		}
+		variants, chosen = kdVariants(fit, p0, kd.P), kd.P
+		res.KD = &kdSummary{Steps: kd.Result.Steps, Tokens: kd.Result.Tokens, FinalValid: kd.Result.FinalValid,
+			Seconds: kd.Result.Elapsed.Seconds(), Curve: kd.CurvePNG}
+		extra = append(extra, "Distillation: training (every 10th step) and validation loss per step: ![KD curve](kd_curve.png)")
+	} else if err := exportPatched(rs, fit, m, p0, fit.Method, nil); err != nil {
+		return err
+	}
+	scores, err := evaluateRun(ctx, rs, m, fit, variants, chosen, extra...)
+	if err == nil && kd != nil && rs.spec.report != "" {
+		err = copyFile(kd.CurvePNG, filepath.Join(rs.spec.report, "kd_curve.png"))
+	}
 	if err != nil {
 		return err
 	}
@@ -486,6 +554,9 @@ func printRunSummary(w io.Writer, r runResult) {
 			mark = " ←"
 		}
 		fmt.Fprintf(w, "| %d | %.6f%s |\n", i, c, mark)
+	}
+	if k := r.KD; k != nil {
+		fmt.Fprintf(w, "\nstudent: %d steps over %d tokens in %.1fs, final validation loss %.5f (curve: %s)\n", k.Steps, k.Tokens, k.Seconds, k.FinalValid, k.Curve)
 	}
 	if c := r.Cache; c != nil {
 		fmt.Fprintf(w, "\ncache: %d shards in %s — %d windows (%d train, %d validation), %d tokens, %.1f MiB, %.1f B/token (activations %s, top-%d targets)\n",
