@@ -411,7 +411,7 @@ func runPipeline(cmd *cobra.Command, s settings, nTeachers int, withWriter bool)
 		variants, chosen = kdVariants(fit, p0, kd.P), kd.P
 		res.KD = &kdSummary{Steps: kd.Result.Steps, Tokens: kd.Result.Tokens, FinalValid: kd.Result.FinalValid,
 			Seconds: kd.Result.Elapsed.Seconds(), Curve: kd.CurvePNG}
-		extra = append(extra, "Distillation: training (every 10th step) and validation loss per step: ![KD curve](kd_curve.png)")
+		extra = append(extra, "Distillation: training loss per step (and its 50-step mean) and validation loss: ![KD curve](kd_curve.png)")
 	} else if err := exportPatched(rs, fit, m, p0, fit.Method, nil); err != nil {
 		return err
 	}
