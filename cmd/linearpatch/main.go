@@ -54,7 +54,7 @@ func newRootCmd() *cobra.Command {
 	root.PersistentFlags().String("config", "", "YAML config file whose keys are the flag names")
 	root.PersistentFlags().Int("threads", 0, "compute threads (0: all cores)")
 	root.PersistentFlags().String("log-level", "info", "log level: debug, info, warn, error")
-	root.AddCommand(newEvalCmd(), newTokenizeCmd(), newSynthCmd(), newBenchCmd(), newPruneCmd(), newRunCmd(), newCoordinatorCmd(), newTeacherCmd(), newCacheCmd(), newStatusCmd(), newNATSServerCmd(), newStudentCmd())
+	root.AddCommand(newEvalCmd(), newTokenizeCmd(), newSynthCmd(), newBenchCmd(), newPruneCmd(), newRunCmd(), newCoordinatorCmd(), newTeacherCmd(), newCacheCmd(), newStatusCmd(), newNATSServerCmd(), newStudentCmd(), newBenchStudentCmd())
 	return root
 }
 
