@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io/fs"
+	"linearpatch/model/tensor"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -122,9 +123,9 @@ func TestSafetensorsRoundtrip(t *testing.T) {
 			w := v
 			switch nt.DType {
 			case "F16":
-				w = f16ToFloat32(float32ToF16(v))
+				w = tensor.Float16ToFloat32(tensor.Float32ToFloat16(v))
 			case "BF16":
-				w = bf16ToFloat32(float32ToBF16(v))
+				w = tensor.BFloat16ToFloat32(tensor.Float32ToBFloat16(v))
 			}
 			if math.Float32bits(data[i]) != math.Float32bits(w) {
 				t.Errorf("%s[%d] = %v, want %v", nt.Name, i, data[i], w)
@@ -359,24 +360,24 @@ func TestSafetensorsF16Decode(t *testing.T) {
 		{0xfc00, float32(math.Inf(-1))},
 	}
 	for _, k := range known {
-		if got := f16ToFloat32(k.bits); got != k.want {
+		if got := tensor.Float16ToFloat32(k.bits); got != k.want {
 			t.Errorf("f16 %#04x = %v, want %v", k.bits, got, k.want)
 		}
 	}
-	if got := math.Float32bits(f16ToFloat32(0x8000)); got != 0x80000000 {
+	if got := math.Float32bits(tensor.Float16ToFloat32(0x8000)); got != 0x80000000 {
 		t.Errorf("f16 -0 = %#x, want float32 -0", got)
 	}
 	for _, nan := range []uint16{0x7e00, 0x7c01, 0xfe00} {
-		if g := f16ToFloat32(nan); !math.IsNaN(float64(g)) {
+		if g := tensor.Float16ToFloat32(nan); !math.IsNaN(float64(g)) {
 			t.Errorf("f16 %#04x = %v, want NaN", nan, g)
 		}
 	}
 	// Every encoding against the naive twin, and narrowing back is the identity.
 	for i := range 1 << 16 {
 		h := uint16(i)
-		got, want := f16ToFloat32(h), f16Naive(h)
+		got, want := tensor.Float16ToFloat32(h), f16Naive(h)
 		if math.IsNaN(want) {
-			if !math.IsNaN(float64(got)) || float32ToF16(got)&0x7c00 != 0x7c00 || float32ToF16(got)&0x3ff == 0 {
+			if !math.IsNaN(float64(got)) || tensor.Float32ToFloat16(got)&0x7c00 != 0x7c00 || tensor.Float32ToFloat16(got)&0x3ff == 0 {
 				t.Fatalf("f16 %#04x: NaN not preserved (%v)", h, got)
 			}
 			continue
@@ -384,7 +385,7 @@ func TestSafetensorsF16Decode(t *testing.T) {
 		if float64(got) != want || math.Signbit(float64(got)) != (h&0x8000 != 0) {
 			t.Fatalf("f16 %#04x = %v, want %v", h, got, want)
 		}
-		if back := float32ToF16(got); back != h {
+		if back := tensor.Float32ToFloat16(got); back != h {
 			t.Fatalf("f16 %#04x -> %v -> %#04x", h, got, back)
 		}
 	}
@@ -411,8 +412,8 @@ func TestSafetensorsF16Encode(t *testing.T) {
 		{-1e-30, 0x8000},
 	}
 	for _, c := range cases {
-		if got := float32ToF16(c.in); got != c.want {
-			t.Errorf("float32ToF16(%v) = %#04x, want %#04x", c.in, got, c.want)
+		if got := tensor.Float32ToFloat16(c.in); got != c.want {
+			t.Errorf("tensor.Float32ToFloat16(%v) = %#04x, want %#04x", c.in, got, c.want)
 		}
 	}
 	// Against the naive twin: the nearest binary16 value, ties to even.
@@ -422,7 +423,7 @@ func TestSafetensorsF16Encode(t *testing.T) {
 		if math.IsNaN(float64(f)) || math.Abs(float64(f)) >= 65520 {
 			continue
 		}
-		h := float32ToF16(f)
+		h := tensor.Float32ToFloat16(f)
 		d := math.Abs(f16Naive(h) - float64(f))
 		for _, n := range []uint16{h - 1, h + 1} {
 			if n&0x7c00 == 0x7c00 || (n^h)&0x8000 != 0 {
@@ -430,7 +431,7 @@ func TestSafetensorsF16Encode(t *testing.T) {
 			}
 			dn := math.Abs(f16Naive(n) - float64(f))
 			if dn < d || (dn == d && h&1 == 1) {
-				t.Fatalf("float32ToF16(%v) = %#04x (%v), but %#04x (%v) is nearer or even", f, h, f16Naive(h), n, f16Naive(n))
+				t.Fatalf("tensor.Float32ToFloat16(%v) = %#04x (%v), but %#04x (%v) is nearer or even", f, h, f16Naive(h), n, f16Naive(n))
 			}
 		}
 	}
@@ -450,14 +451,14 @@ func TestSafetensorsBF16(t *testing.T) {
 		{0x7f7f, math.Float32frombits(0x7f7f0000)}, // largest finite
 	}
 	for _, k := range known {
-		if got := bf16ToFloat32(k.bits); got != k.want {
+		if got := tensor.BFloat16ToFloat32(k.bits); got != k.want {
 			t.Errorf("bf16 %#04x = %v, want %v", k.bits, got, k.want)
 		}
-		if back := float32ToBF16(k.want); back != k.bits {
-			t.Errorf("float32ToBF16(%v) = %#04x, want %#04x", k.want, back, k.bits)
+		if back := tensor.Float32ToBFloat16(k.want); back != k.bits {
+			t.Errorf("tensor.Float32ToBFloat16(%v) = %#04x, want %#04x", k.want, back, k.bits)
 		}
 	}
-	if !math.IsNaN(float64(bf16ToFloat32(0x7fc0))) || !math.IsNaN(float64(bf16ToFloat32(float32ToBF16(math.Float32frombits(0x7f800001))))) {
+	if !math.IsNaN(float64(tensor.BFloat16ToFloat32(0x7fc0))) || !math.IsNaN(float64(tensor.BFloat16ToFloat32(tensor.Float32ToBFloat16(math.Float32frombits(0x7f800001))))) {
 		t.Error("bf16 NaN not preserved")
 	}
 	rounding := []struct {
@@ -470,8 +471,8 @@ func TestSafetensorsBF16(t *testing.T) {
 		{0x7f7fffff, 0x7f80}, // overflows to infinity
 	}
 	for _, r := range rounding {
-		if got := float32ToBF16(math.Float32frombits(r.in)); got != r.want {
-			t.Errorf("float32ToBF16(%#08x) = %#04x, want %#04x", r.in, got, r.want)
+		if got := tensor.Float32ToBFloat16(math.Float32frombits(r.in)); got != r.want {
+			t.Errorf("tensor.Float32ToBFloat16(%#08x) = %#04x, want %#04x", r.in, got, r.want)
 		}
 	}
 }

@@ -3,6 +3,7 @@ package shards
 import (
 	"encoding/binary"
 	"fmt"
+	"linearpatch/model/tensor"
 	"math"
 	"sync"
 )
@@ -170,71 +171,11 @@ func getActs(dt DType, dst []float32, src []byte) bool {
 	return true
 }
 
-// f32ToF16 narrows the float32 with bits b to binary16, rounding to nearest even;
-// overflow gives ±Inf and NaN stays a quiet NaN.
-func f32ToF16(b uint32) uint16 {
-	sign := uint16(b>>16) & 0x8000
-	if a := b & 0x7fffffff; a >= 0x38800000 && a < 0x477ff000 {
-		// Fast path: the result is a normal float16 (2⁻¹⁴ ≤ |x| < 65520, which rounds to at
-		// most 65504). Rebias the exponent, round the 13 dropped bits to nearest even; a
-		// carry into the exponent is correct.
-		a -= (127 - 15) << 23
-		a += 0xfff + (a>>13)&1
-		return sign | uint16(a>>13)
-	}
-	exp := int(b>>23) & 0xff
-	mant := b & 0x7fffff
-	if exp == 0xff {
-		if mant == 0 {
-			return sign | 0x7c00
-		}
-		return sign | 0x7e00 | uint16(mant>>13)
-	}
-	e := exp - 127 + 15
-	if e >= 0x1f {
-		return sign | 0x7c00
-	}
-	if e <= 0 {
-		// Subnormal result: the value is m·2^(exp−150) with the 24-bit significand m, and
-		// a subnormal's unit is 2⁻²⁴, so the result is m >> (126−exp) = m >> (14−e), rounded.
-		if e < -10 {
-			return sign // below half the smallest subnormal: rounds to ±0
-		}
-		m := mant | 0x800000
-		shift := uint(14 - e)
-		r := m >> shift
-		rem := m & (1<<shift - 1)
-		half := uint32(1) << (shift - 1)
-		if rem > half || (rem == half && r&1 == 1) {
-			r++ // may carry into the smallest normal, whose encoding is the next integer
-		}
-		return sign | uint16(r)
-	}
-	r := uint32(e)<<10 | mant>>13
-	rem := mant & 0x1fff
-	if rem > 0x1000 || (rem == 0x1000 && r&1 == 1) {
-		r++ // a carry into the exponent is correct, up to +Inf
-	}
-	return sign | uint16(r)
-}
+// f32ToF16 narrows the float32 with bits b to binary16 (tensor.Float32ToFloat16).
+func f32ToF16(b uint32) uint16 { return tensor.Float32ToFloat16(math.Float32frombits(b)) }
 
-// f16ToF32 widens a binary16 bit pattern exactly.
-func f16ToF32(h uint16) float32 {
-	sign := uint32(h>>15) << 31
-	exp := uint32(h>>10) & 0x1f
-	mant := uint32(h) & 0x3ff
-	switch {
-	case exp == 0x1f:
-		return math.Float32frombits(sign | infBits | mant<<13)
-	case exp == 0:
-		f := float32(mant) * (1.0 / (1 << 24)) // subnormal or zero, exact
-		if sign != 0 {
-			f = -f
-		}
-		return f
-	}
-	return math.Float32frombits(sign | (exp+127-15)<<23 | mant<<13)
-}
+// f16ToF32 widens a binary16 bit pattern exactly (tensor.Float16ToFloat32).
+func f16ToF32(h uint16) float32 { return tensor.Float16ToFloat32(h) }
 
 // f16Table returns the float32 value of every binary16 bit pattern.
 var f16Table = sync.OnceValue(func() *[1 << 16]float32 {
@@ -245,12 +186,5 @@ var f16Table = sync.OnceValue(func() *[1 << 16]float32 {
 	return &t
 })
 
-// f32ToBF16 narrows the float32 with bits b to bfloat16, rounding to nearest even; NaN
-// stays a quiet NaN.
-func f32ToBF16(b uint32) uint16 {
-	if b&0x7fffffff > infBits {
-		return uint16(b>>16) | 0x40
-	}
-	b += 0x7fff + (b>>16)&1
-	return uint16(b >> 16)
-}
+// f32ToBF16 narrows the float32 with bits b to bfloat16 (tensor.Float32ToBFloat16).
+func f32ToBF16(b uint32) uint16 { return tensor.Float32ToBFloat16(math.Float32frombits(b)) }

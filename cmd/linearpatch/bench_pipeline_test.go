@@ -74,8 +74,8 @@ func (r scalingResult) tokensPerSec() float64 { return float64(r.tokens) / r.sec
 //
 // One op is a round of the three configurations, each a fresh run; rounds rotate the
 // order, so on a shared machine a burst of foreign load does not always hit the same
-// configuration (-benchtime 2x or more for several rounds). The metrics are totals over
-// all rounds (tokens / seconds).
+// configuration (-benchtime 2x for two rounds; the default benchtime runs one). The
+// metrics are totals over all rounds (tokens / seconds).
 //
 // It needs LINEARPATCH_BENCH_PIPELINE=1 (several minutes a round; `make bench` sets it).
 // LINEARPATCH_BENCH_WINDOWS sets the training windows per run (default 24 × 128 tokens).
@@ -103,15 +103,15 @@ func BenchmarkTeacherScaling(b *testing.B) {
 
 	configs := []scalingConfig{{"1x1", 1, 1}, {"2x1", 2, 1}, {"1x2", 1, 2}}
 	results := make([]scalingResult, len(configs))
-	b.ResetTimer()
-	for round := range b.N {
+	rounds := 0
+	for ; b.Loop(); rounds++ {
+		round := rounds
 		for j := range configs {
 			i := (round + j) % len(configs)
 			r := runCacheBench(b, filepath.Join(dir, fmt.Sprintf("r%d-%s", round, configs[i].name)), modelDir, calib, train, configs[i])
 			results[i].add(r)
 		}
 	}
-	b.StopTimer()
 	base := results[0].tokensPerSec()
 	for i, c := range configs {
 		b.ReportMetric(results[i].tokensPerSec(), c.name+"-tokens/s")
@@ -127,7 +127,7 @@ func BenchmarkTeacherScaling(b *testing.B) {
 	}
 	b.ReportMetric(foreign/secs, "other-load-cores")
 	fmt.Printf("\nteacher scaling (cache phase), d=1024 synthetic model, %d round(s) of %d windows × %d tokens, shard-windows 1, k=50, float16, zstd\n\n",
-		b.N, trainWindows, benchSeqLen)
+		rounds, trainWindows, benchSeqLen)
 	fmt.Println("| teachers × threads | tokens | cache phase s | tokens/s | vs 1×1 | file B/token | teacher cores | tokens per teacher CPU-s | coordinator+cache cores | other load, cores |")
 	fmt.Println("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 	for i, c := range configs {
