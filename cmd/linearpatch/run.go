@@ -35,7 +35,10 @@ func newRunCmd() *cobra.Command {
 --teachers teacher workers and the cache writer. The stats phase computes the calibration
 statistics of prune over the same windows, sharded over the teachers, and fits the
 training-free patch; the cache phase stores, for every window of --train, the hidden state
-entering the cut and the teacher's top-k targets as Arrow shard files. Flags mirror prune.
+entering the cut and the teacher's top-k targets as Arrow shard files; the student starts
+once the patch is fitted and distills it from the shards as they land (--distill=false
+skips it); the pruned model with the distilled (or training-free) patch is exported to
+--out. Flags mirror prune.
 
 State lives in --run-dir (default: DIR.run): re-running the same command resumes the run
 from its shard checkpoints.`,
