@@ -38,11 +38,18 @@ test-purego:
 	@echo "== tests, pure-Go build (CGO_ENABLED=0) =="
 	CGO_ENABLED=0 $(GO) test -count=1 -short -timeout 20m $(GOTESTFLAGS) ./...
 
+# Benchmarks print ratios measured within one run (the machines are shared and noisy).
 bench: build
 	@echo "== engine forward vs sgemm (OpenBLAS build) =="
 	./$(BIN) bench
+	@echo "== student KD step: throughput, memory, projection of the paper's run =="
+	GOMEMLIMIT=4GiB ./$(BIN) bench-student
 	@echo "== kernels =="
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./model/tensor/
+	@echo "== JetStream transport: activation batches, d=1024 float16 k=50 =="
+	$(GO) test -run '^$$' -bench BenchmarkTransport -benchtime 500x ./worker/
+	@echo "== teacher scaling: coordinator + cache + teachers as processes (about 5 min) =="
+	LINEARPATCH_BENCH_PIPELINE=1 $(GO) test -run '^$$' -bench BenchmarkTeacherScaling -benchtime 2x -timeout 30m ./cmd/linearpatch/
 
 # The whole pipeline on the shared model: embedded NATS, 2 teachers, stats phase → training-free
 # patch → activation cache → student → export, then a comparison on valid.txt.
