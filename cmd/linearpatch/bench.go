@@ -22,14 +22,8 @@ print tokens/s and GFLOP/s next to the GFLOP/s of a square sgemm measured in the
 		Args: cobra.NoArgs,
 		RunE: runBench,
 	}
+	addBenchModelFlags(cmd)
 	f := cmd.Flags()
-	f.Int("dim", 1024, "hidden size")
-	f.Int("layers", 8, "layers")
-	f.Int("ffn", 2816, "SwiGLU intermediate size")
-	f.Int("vocab", 32000, "vocabulary size")
-	f.Int("heads", 16, "attention heads")
-	f.Int("kv-heads", 8, "key/value heads")
-	f.Int("seq-len", 512, "tokens per window")
 	f.Int("batch", 1, "windows per forward")
 	f.Int("reps", 5, "timed forwards (after one warm-up)")
 	f.Bool("json", false, "print the result as one JSON object on the last line of stdout")
@@ -51,10 +45,7 @@ func runBench(cmd *cobra.Command, _ []string) error {
 	if err != nil {
 		return err
 	}
-	cfg := model.Config{
-		Arch: "llama", Dim: s.num("dim"), Layers: s.num("layers"), FFN: s.num("ffn"), Vocab: s.num("vocab"),
-		Heads: s.num("heads"), KVHeads: s.num("kv-heads"), MaxSeq: s.num("seq-len"),
-	}
+	cfg := benchModelConfig(s)
 	m, err := model.Synthetic(cfg, 1)
 	if err != nil {
 		return err
@@ -99,4 +90,23 @@ func runBench(cmd *cobra.Command, _ []string) error {
 		return json.NewEncoder(cmd.OutOrStdout()).Encode(res)
 	}
 	return nil
+}
+
+// addBenchModelFlags declares the synthetic model of the benchmarks: by default the engine
+// benchmark's (d=1024, 8 layers, ffn 2816, vocab 32000, 16 heads, 8 kv-heads, 512 tokens).
+func addBenchModelFlags(cmd *cobra.Command) {
+	f := cmd.Flags()
+	f.Int("dim", 1024, "hidden size")
+	f.Int("layers", 8, "layers")
+	f.Int("ffn", 2816, "SwiGLU intermediate size")
+	f.Int("vocab", 32000, "vocabulary size")
+	f.Int("heads", 16, "attention heads")
+	f.Int("kv-heads", 8, "key/value heads")
+	f.Int("seq-len", 512, "tokens per window")
+}
+
+// benchModelConfig reads the flags of addBenchModelFlags.
+func benchModelConfig(s settings) model.Config {
+	return model.Config{Arch: "llama", Dim: s.num("dim"), Layers: s.num("layers"), FFN: s.num("ffn"), Vocab: s.num("vocab"),
+		Heads: s.num("heads"), KVHeads: s.num("kv-heads"), MaxSeq: s.num("seq-len")}
 }

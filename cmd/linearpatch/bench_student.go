@@ -36,16 +36,10 @@ pruned model, and projects the paper's distillation run (LLaMA-3-8B shapes, 5 la
 		Args: cobra.NoArgs,
 		RunE: runBenchStudent,
 	}
+	addBenchModelFlags(cmd)
 	f := cmd.Flags()
-	f.Int("dim", 1024, "hidden size")
-	f.Int("layers", 8, "layers")
-	f.Int("ffn", 2816, "SwiGLU intermediate size")
-	f.Int("vocab", 32000, "vocabulary size")
-	f.Int("heads", 16, "attention heads")
-	f.Int("kv-heads", 8, "key/value heads")
 	f.Int("start", 3, "first pruned layer")
 	f.Int("num-prune", 2, "pruned layers")
-	f.Int("seq-len", 512, "tokens per window")
 	f.Int("top-k", 50, "teacher top-k")
 	f.Int("steps", 3, "timed KD steps (after one warm-up)")
 	f.Bool("json", false, "print the result as one JSON object on the last line of stdout")
@@ -73,8 +67,7 @@ func runBenchStudent(cmd *cobra.Command, _ []string) error {
 	if err != nil {
 		return err
 	}
-	cfg := model.Config{Arch: "llama", Dim: s.num("dim"), Layers: s.num("layers"), FFN: s.num("ffn"), Vocab: s.num("vocab"),
-		Heads: s.num("heads"), KVHeads: s.num("kv-heads"), MaxSeq: s.num("seq-len")}
+	cfg := benchModelConfig(s)
 	T, K, steps := s.num("seq-len"), s.num("top-k"), s.num("steps")
 	start, end := s.num("start"), s.num("start")+s.num("num-prune")
 	if steps < 1 || T < 2 || K < 1 || start < 1 || end >= cfg.Layers {
