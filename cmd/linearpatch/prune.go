@@ -116,14 +116,6 @@ func pruneSpecFrom(s settings) (pruneSpec, error) {
 	case p.evalWindows < 0:
 		return p, errors.New("--eval-windows must be ≥ 0")
 	}
-	for _, path := range []string{p.out, p.report} {
-		if path == "" {
-			continue
-		}
-		if _, err := os.Stat(path); err == nil {
-			return p, fmt.Errorf("%s already exists; remove it or choose another path", path)
-		}
-	}
 	switch m := patch.Method(s.str("method")); m {
 	case "all":
 		p.all = true
@@ -132,6 +124,14 @@ func pruneSpecFrom(s settings) (pruneSpec, error) {
 		p.methods = []patch.Method{m}
 	default:
 		return p, fmt.Errorf("--method %q: want rotate, diag, lstsq, none or all", m)
+	}
+	for _, path := range []string{p.out, p.report} {
+		if path == "" {
+			continue
+		}
+		if _, err := os.Stat(path); err == nil {
+			return p, fmt.Errorf("%s already exists; remove it or choose another path", path)
+		}
 	}
 	return p, nil
 }

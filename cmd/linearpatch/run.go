@@ -104,7 +104,7 @@ type runSetup struct {
 
 func prepareRun(s settings) (*runSetup, error) {
 	spec, err := pruneSpecFrom(s)
-	if err != nil && !(strings.Contains(err.Error(), "already exists") && s.str("out") != "") {
+	if err != nil {
 		return nil, err
 	}
 	if spec.all {
@@ -278,9 +278,6 @@ func runPipeline(cmd *cobra.Command, s settings, nTeachers int, withWriter bool)
 	rs, err := prepareRun(s)
 	if err != nil {
 		return err
-	}
-	if _, err := os.Stat(rs.spec.out); err == nil {
-		return fmt.Errorf("%s already exists; remove it or choose another --out", rs.spec.out)
 	}
 	ctx := cmd.Context()
 	conn, err := connectNATS(ctx, s, rs.runDir, true, "linearpatch-run")

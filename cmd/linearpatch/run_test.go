@@ -3,6 +3,7 @@ package main
 import (
 	"math"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"linearpatch/model"
@@ -58,4 +59,14 @@ func readPatch(t *testing.T, dir string) []float32 {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// TestRunRefusesExistingOut: an existing --out is a clear error before any work.
+func TestRunRefusesExistingOut(t *testing.T) {
+	dir := t.TempDir()
+	_, err := runCLI(t, "run", "--model", shared(t, "models/stories260K/stories260K.bin"), "--calib",
+		shared(t, "data/stories260K/calib.jsonl"), "--num-prune", "1", "--out", dir)
+	if err == nil || !strings.Contains(err.Error(), "already exists") {
+		t.Fatalf("run into an existing --out: %v", err)
+	}
 }
