@@ -130,8 +130,10 @@ func TestConsumeRedelivery(t *testing.T) {
 	})
 	select {
 	case d := <-deliveries:
-		if d != 3 {
-			t.Fatalf("third delivery reported as %d", d)
+		// At least the third delivery: a pull the stopped consumer left pending may have
+		// taken one more delivery that then ran out its AckWait.
+		if d < 3 {
+			t.Fatalf("delivery after the nak reported as %d, want ≥ 3", d)
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("nak'd message not redelivered")
