@@ -158,6 +158,19 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	if c.obj, err = c.o.JS.ObjectStore(ctx, c.o.Names.ObjectStore()); err != nil {
 		return fmt.Errorf("coordinator: object store: %w", err)
 	}
+	// Shards whose records are all in the data stream are not handed out again: the
+	// tasks stream forgets a task once it is acked, and a restarted server has no
+	// duplicate id left to drop a republished one.
+	var marked []ShardRef
+	for _, ph := range []Phase{PhaseStats, PhaseCache} {
+		ids, err := worker.MarkedShards(ctx, c.o.JS, c.o.Names, string(ph))
+		if err != nil {
+			return fmt.Errorf("coordinator: %w", err)
+		}
+		for id := range ids {
+			marked = append(marked, ShardRef{Phase: ph, ID: id})
+		}
+	}
 	restored, done, err := c.restore(ctx)
 	if err != nil {
 		return err
@@ -187,7 +200,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		}
 	})
 	g.Go(func() error {
-		queue := []Event{EvStart{Restored: restored}}
+		queue := []Event{EvStart{Restored: restored, Marked: marked}}
 		for _, d := range done {
 			queue = append(queue, d)
 		}

@@ -40,8 +40,20 @@ func ShardKey(ph Phase, id int) string { return fmt.Sprintf("shard.%s.%06d", ph,
 // Event is something that happened, fed to Core.Step.
 type Event interface{ isEvent() }
 
-// EvStart (re)starts the core; Restored holds the shard states read back from the store.
-type EvStart struct{ Restored []ShardState }
+// EvStart (re)starts the core. Restored holds the shard states read back from the store;
+// Marked the shards whose records are already all in the data stream (their done marker is
+// stored), read before the store: their tasks are not published again, the consumer of the
+// data will record them done.
+type EvStart struct {
+	Restored []ShardState
+	Marked   []ShardRef
+}
+
+// ShardRef names one shard of a phase.
+type ShardRef struct {
+	Phase Phase
+	ID    int
+}
 
 // EvProgress is a teacher's report that it works on a shard (a lease renewal).
 type EvProgress struct {
@@ -133,12 +145,14 @@ type Core struct {
 	shards  map[string]*ShardState
 	fitted  bool
 	started bool
+	marked  map[string]bool // shards whose data is all published: never republish their tasks
 }
 
 // NewCore returns a core for plan. lease is how long a shard counts as leased after a
 // teacher's last progress report; student says whether the run distills after caching.
 func NewCore(plan *Plan, lease time.Duration, student bool) *Core {
-	c := &Core{plan: plan, lease: lease, student: student, phase: PhaseStats, shards: map[string]*ShardState{}}
+	c := &Core{plan: plan, lease: lease, student: student, phase: PhaseStats, shards: map[string]*ShardState{},
+		marked: map[string]bool{}}
 	for _, ph := range []Phase{PhaseStats, PhaseCache} {
 		for _, s := range plan.Shards(ph) {
 			st := &ShardState{Phase: ph, ID: s.ID, Status: StatusPending}
@@ -238,6 +252,9 @@ func (c *Core) start(e EvStart) []Action {
 			*s = r
 		}
 	}
+	for _, m := range e.Marked {
+		c.marked[ShardKey(m.Phase, m.ID)] = true
+	}
 	for _, s := range c.shards {
 		if s.Status == StatusDead {
 			return []Action{ActFail{Reason: fmt.Sprintf("%s shard %d is dead: %s", s.Phase, s.ID, s.Reason)}}
@@ -253,10 +270,19 @@ func (c *Core) enter(ph Phase) []Action {
 	acts := []Action{ActPersistPhase{Phase: ph}}
 	switch ph {
 	case PhaseStats, PhaseCache:
-		if pending := c.pending(ph); len(pending) > 0 {
-			return append(acts, ActPublishTasks{Phase: ph, Shards: pending})
+		if len(c.pending(ph)) == 0 {
+			return append(acts, c.advance()...)
 		}
-		return append(acts, c.advance()...)
+		var publish []Shard
+		for _, s := range c.pending(ph) {
+			if !c.marked[ShardKey(ph, s.ID)] {
+				publish = append(publish, s)
+			}
+		}
+		if len(publish) > 0 {
+			acts = append(acts, ActPublishTasks{Phase: ph, Shards: publish})
+		}
+		return acts
 	case PhaseStudent:
 		return append(acts, ActStartStudent{})
 	case PhaseDone:

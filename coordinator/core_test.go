@@ -182,26 +182,29 @@ func TestCoreLeases(t *testing.T) {
 }
 
 // TestCoreRestartProperty drives random interleavings with restarts from the persisted
-// states: every shard completes, no completed shard is ever published again, the patch is
-// fitted before any cache task, and the run finishes.
+// states. A shard first has its data published (its done marker stored in the data stream),
+// later its consumer records it done. Every shard completes, no shard whose data was
+// published is ever published again after a restart, the patch is fitted before any cache
+// task, and the run finishes.
 func TestCoreRestartProperty(t *testing.T) {
 	for seed := range uint64(200) {
 		rng := rand.New(rand.NewPCG(seed, 1))
 		p := testPlan(t, 1+rng.IntN(60), 2+rng.IntN(120), 1+rng.IntN(16))
 		r := newRecorder(NewCore(p, time.Minute, rng.IntN(2) == 0))
 		r.step(EvStart{})
-		doneBefore := map[string]bool{}
+		marked, done := map[string]bool{}, map[string]bool{}
+		var markedRefs []ShardRef
 		for steps := 0; !r.finished && steps < 10000; steps++ {
 			ph := r.core.Phase()
 			if rng.IntN(10) == 0 { // crash and restart
 				prev := r.persisted
 				r = newRecorder(NewCore(p, time.Minute, r.core.student))
 				r.persisted = prev
-				r.step(EvStart{Restored: r.restored()})
+				r.step(EvStart{Restored: r.restored(), Marked: markedRefs})
 				for ph, ids := range r.published {
 					for id := range ids {
-						if doneBefore[ShardKey(ph, id)] {
-							t.Fatalf("seed %d: restarted core republished completed %s shard %d", seed, ph, id)
+						if marked[ShardKey(ph, id)] {
+							t.Fatalf("seed %d: restarted core republished %s shard %d, whose data was published", seed, ph, id)
 						}
 					}
 				}
@@ -212,11 +215,16 @@ func TestCoreRestartProperty(t *testing.T) {
 				continue
 			}
 			s := shards[rng.IntN(len(shards))]
-			if ph == PhaseCache && r.fits == 0 && len(r.published[PhaseCache]) > 0 && !doneBefore[ShardKey(PhaseStats, 0)] {
+			if ph == PhaseCache && r.fits == 0 && len(r.published[PhaseCache]) > 0 && !done[ShardKey(PhaseStats, 0)] {
 				t.Fatalf("seed %d: cache tasks before the stats phase completed", seed)
 			}
+			if key := ShardKey(ph, s.ID); !marked[key] {
+				marked[key] = true
+				markedRefs = append(markedRefs, ShardRef{Phase: ph, ID: s.ID})
+				continue
+			}
 			r.step(EvShardDone{Phase: ph, Shard: s.ID})
-			doneBefore[ShardKey(ph, s.ID)] = true
+			done[ShardKey(ph, s.ID)] = true
 		}
 		if !r.finished {
 			t.Fatalf("seed %d: run did not finish", seed)
@@ -228,6 +236,30 @@ func TestCoreRestartProperty(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// TestCoreRestartWaitsForMarkedShards: a restarted core does not publish the task of a
+// shard whose data is already in the stream, yet does not leave the phase before the
+// shard's consumer records it done.
+func TestCoreRestartWaitsForMarkedShards(t *testing.T) {
+	p := testPlan(t, 10, 10, 4)
+	r := newRecorder(NewCore(p, time.Minute, false))
+	r.step(EvStart{Marked: []ShardRef{{Phase: PhaseStats, ID: 1}}})
+	if got := r.published[PhaseStats]; len(got) != len(p.Stats)-1 || got[1] != 0 {
+		t.Fatalf("published stats tasks %v: want all but shard 1", got)
+	}
+	for _, s := range p.Stats {
+		if s.ID != 1 {
+			r.step(EvShardDone{Phase: PhaseStats, Shard: s.ID})
+		}
+	}
+	if r.fits != 0 || r.core.Phase() != PhaseStats {
+		t.Fatalf("fitted %d times in phase %s before the marked shard was done", r.fits, r.core.Phase())
+	}
+	r.step(EvShardDone{Phase: PhaseStats, Shard: 1})
+	if r.fits != 1 || len(r.published[PhaseCache]) != len(p.Cache) {
+		t.Fatalf("fits %d, cache tasks %d", r.fits, len(r.published[PhaseCache]))
 	}
 }
 

@@ -142,6 +142,9 @@ func (w *Worker) handle(ctx context.Context, t worker.Task) error {
 	if err := json.Unmarshal(t.Payload, &task); err != nil {
 		return fmt.Errorf("teacher: task payload: %w", err)
 	}
+	if w.published(ctx, task) {
+		return nil
+	}
 	pub, err := worker.NewPublisher(w.o.JS, worker.WithPublisherLogger(w.log))
 	if err != nil {
 		return err
@@ -172,6 +175,26 @@ func (w *Worker) handle(ctx context.Context, t worker.Task) error {
 	w.log.Debug("shard published", "phase", task.Phase, "shard", task.Shard, "messages", n, "tokens", tokens,
 		"tokens_per_s", fmt.Sprintf("%.0f", float64(tokens)/el.Seconds()))
 	return nil
+}
+
+// published says whether the data stream already holds all of task's records and its done
+// marker: a task redelivered after its teacher published everything but could not ack (the
+// teacher died, or the server went away with the ack in flight) is then acked without
+// being computed again. When the stream cannot be read, the shard is computed: records
+// republished under the same ids are dropped as duplicates or by the consumer's assembler.
+func (w *Worker) published(ctx context.Context, task coordinator.Task) bool {
+	b, records, err := worker.StoredShard(ctx, w.o.JS, w.o.Names, string(task.Phase), task.Shard)
+	if err != nil {
+		w.log.Debug("could not look for the shard in the data stream; computing it", "phase", task.Phase, "shard", task.Shard, "err", err)
+		return false
+	}
+	var marker coordinator.DoneMarker
+	if b == nil || json.Unmarshal(b, &marker) != nil || marker.Messages != records {
+		return false
+	}
+	w.log.Info("shard already in the data stream; not computed again", "phase", task.Phase, "shard", task.Shard,
+		"published_by", marker.Teacher)
+	return true
 }
 
 func (w *Worker) windows(task coordinator.Task) ([][]int, error) {

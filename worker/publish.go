@@ -215,3 +215,64 @@ func (p *Publisher) record(ack *jetstream.PubAck, err error) error {
 	}
 	return nil
 }
+
+// MarkedShards returns the shards of phase whose done marker is stored in the
+// data stream: a teacher published all their records (or its task is still
+// live and will be redelivered, since a task is acked only after every record
+// and the marker are stored). A restarted coordinator must not publish their
+// tasks again: a work-queue stream forgets the ids of the tasks it handed out
+// once they are acked, so a republished task would be computed a second time.
+func MarkedShards(ctx context.Context, js jetstream.JetStream, names Names, phase string) (map[int]bool, error) {
+	if err := ValidatePhase(phase); err != nil {
+		return nil, err
+	}
+	s, err := js.Stream(ctx, names.DataStream())
+	if err != nil {
+		return nil, fmt.Errorf("worker: data stream: %w", err)
+	}
+	filter := "lp." + names.Run() + ".data." + phase + ".*.done"
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(filter))
+	if err != nil {
+		return nil, fmt.Errorf("worker: list the done markers of %s: %w", phase, err)
+	}
+	out := make(map[int]bool, len(info.State.Subjects))
+	for subj := range info.State.Subjects {
+		k, err := names.ParseDataSubject(subj)
+		if err != nil || !k.Done || k.Phase != phase {
+			continue // not a marker of ours; the filter should not let it through
+		}
+		out[k.Shard] = true
+	}
+	return out, nil
+}
+
+// StoredShard reports what the data stream holds of one shard: its done marker
+// (nil when none is stored) and how many distinct record subjects it has (not
+// counted, 0, when there is no marker). Each
+// record of a shard has its own subject, so a marker that counts as many
+// messages as there are records means the shard was published whole.
+func StoredShard(ctx context.Context, js jetstream.JetStream, names Names, phase string, shard int) (marker []byte, records int, err error) {
+	if err := ValidatePhase(phase); err != nil {
+		return nil, 0, err
+	}
+	if shard < 0 {
+		return nil, 0, fmt.Errorf("%w: shard %d", ErrInvalidOption, shard)
+	}
+	s, err := js.Stream(ctx, names.DataStream())
+	if err != nil {
+		return nil, 0, fmt.Errorf("worker: data stream: %w", err)
+	}
+	m, err := s.GetLastMsgForSubject(ctx, names.DoneSubject(phase, shard))
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		return nil, 0, nil
+	case err != nil:
+		return nil, 0, fmt.Errorf("worker: done marker of %s shard %d: %w", phase, shard, err)
+	}
+	filter := "lp." + names.Run() + ".data." + phase + "." + fmt.Sprint(shard) + ".*.*"
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(filter))
+	if err != nil {
+		return nil, 0, fmt.Errorf("worker: records of %s shard %d: %w", phase, shard, err)
+	}
+	return m.Data, len(info.State.Subjects), nil
+}

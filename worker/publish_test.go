@@ -146,3 +146,57 @@ func TestPublisherErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestStoredShardAndMarkedShards: the data stream tells which shards carry a done marker and
+// how many records each holds, phase by phase.
+func TestStoredShardAndMarkedShards(t *testing.T) {
+	_, _, js, names := setupRun(t, StreamConfig{})
+	p, err := NewPublisher(js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	publish := func(k DataKey, data string) {
+		t.Helper()
+		if err := p.Publish(t.Context(), k.Subject(), MsgID(k), []byte(data), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run := names.Run()
+	// cache shard 3: three records and a marker; shard 4: one record, no marker yet;
+	// stats shard 3: a marker only.
+	for w := range 3 {
+		publish(DataKey{Run: run, Phase: "cache", Shard: 3, Window: w}, "rec")
+	}
+	publish(DataKey{Run: run, Phase: "cache", Shard: 3, Done: true}, "marker-3")
+	publish(DataKey{Run: run, Phase: "cache", Shard: 4, Window: 9, Chunk: 1}, "rec")
+	publish(DataKey{Run: run, Phase: "stats", Shard: 3, Done: true}, "marker-s3")
+	if err := p.Flush(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		phase   string
+		shard   int
+		marker  string
+		records int
+	}{{"cache", 3, "marker-3", 3}, {"cache", 4, "", 0}, {"cache", 30, "", 0}, {"stats", 3, "marker-s3", 0}} {
+		m, n, err := StoredShard(t.Context(), js, names, c.phase, c.shard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(m) != c.marker || n != c.records {
+			t.Errorf("%s shard %d: marker %q, %d records; want %q, %d", c.phase, c.shard, m, n, c.marker, c.records)
+		}
+	}
+	for phase, want := range map[string]map[int]bool{"cache": {3: true}, "stats": {3: true}} {
+		got, err := MarkedShards(t.Context(), js, names, phase)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("%s: marked %v, want %v", phase, got, want)
+		}
+	}
+	if _, _, err := StoredShard(t.Context(), js, names, "bad phase", 1); err == nil {
+		t.Error("a bad phase was accepted")
+	}
+}
