@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/errgroup"
 
 	"linearpatch/coordinator"
 	"linearpatch/model"
@@ -41,6 +42,9 @@ type Options struct {
 	Logger      *slog.Logger
 	// Dim and Vocab of the model (from its config), for the record metadata.
 	Dim, Vocab int
+	// LeaseRenewal is how often the writer renews its lease on the run (default
+	// DefaultLeaseRenewal); see WriterKey.
+	LeaseRenewal time.Duration
 }
 
 // Writer assembles shards. Run it with Run.
@@ -67,6 +71,9 @@ func NewWriter(o Options) (*Writer, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
+	if o.LeaseRenewal <= 0 {
+		o.LeaseRenewal = DefaultLeaseRenewal
+	}
 	return &Writer{o: o, log: o.Logger.With("component", "cache")}, nil
 }
 
@@ -82,9 +89,33 @@ func (w *Writer) Manifest() *shards.Manifest {
 	return &m
 }
 
-// Run waits for the run's plan and fit, verifies the shard files already on disk, then
-// assembles shards until ctx ends.
+// Run takes the run's writer lease (ErrWriterBusy when another writer holds it), waits for
+// the run's plan and fit, verifies the shard files already on disk, then assembles shards
+// until ctx ends.
 func (w *Writer) Run(ctx context.Context) error {
+	if err := w.waitBucket(ctx); err != nil {
+		return err
+	}
+	l, err := acquireLease(ctx, w.kv, thisWriter(w.o.Dir, w.o.LeaseRenewal), w.log)
+	if err != nil {
+		return err
+	}
+	defer l.release()
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return l.keep(gctx) })
+	g.Go(func() error {
+		err := w.assemble(gctx)
+		if gctx.Err() != nil && ctx.Err() == nil {
+			return nil // the lease was lost: keep's error says so
+		}
+		return err
+	})
+	return g.Wait()
+}
+
+// assemble waits for the fit, verifies the shard files already on disk, then assembles
+// shards until ctx ends.
+func (w *Writer) assemble(ctx context.Context) error {
 	if err := w.waitFit(ctx); err != nil {
 		return err
 	}
@@ -125,23 +156,36 @@ func (w *Writer) Run(ctx context.Context) error {
 // Meta returns the record metadata the writer accepts.
 func (w *Writer) Meta() shards.Meta { return w.meta }
 
-func (w *Writer) waitFit(ctx context.Context) error {
+// waitBucket waits until the run's key-value bucket exists (the coordinator creates it).
+func (w *Writer) waitBucket(ctx context.Context) error {
 	for {
 		kv, err := w.o.JS.KeyValue(ctx, w.o.Names.KVBucket())
 		if err == nil {
 			w.kv = kv
-			var p coordinator.Plan
-			var f coordinator.FitResult
-			if err = getJSON(ctx, kv, coordinator.KeyPlan, &p); err == nil {
-				if err = getJSON(ctx, kv, coordinator.KeyFit, &f); err == nil {
-					w.plan, w.fit = &p, f
-					meta, err := teacher.CacheMeta(&p, &model.Model{Config: model.Config{Dim: w.o.Dim, Vocab: w.o.Vocab}}, f.Start, f.End)
-					if err != nil {
-						return err
-					}
-					w.meta = meta
-					return nil
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// waitFit waits until the run's plan and fitted block are in the bucket.
+func (w *Writer) waitFit(ctx context.Context) error {
+	for {
+		var p coordinator.Plan
+		var f coordinator.FitResult
+		if err := getJSON(ctx, w.kv, coordinator.KeyPlan, &p); err == nil {
+			if err := getJSON(ctx, w.kv, coordinator.KeyFit, &f); err == nil {
+				w.plan, w.fit = &p, f
+				meta, err := teacher.CacheMeta(&p, &model.Model{Config: model.Config{Dim: w.o.Dim, Vocab: w.o.Vocab}}, f.Start, f.End)
+				if err != nil {
+					return err
 				}
+				w.meta = meta
+				return nil
 			}
 		}
 		select {

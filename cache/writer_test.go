@@ -155,7 +155,7 @@ func (h *harness) publishDone(shard, messages int) {
 func (h *harness) startWriter() *lockedBuffer {
 	h.t.Helper()
 	logs := &lockedBuffer{}
-	w, err := NewWriter(Options{JS: h.js, Names: h.names, Dir: h.dir, Dim: testDim, Vocab: testVocab,
+	w, err := NewWriter(Options{JS: h.js, Names: h.names, Dir: h.dir, Dim: testDim, Vocab: testVocab, LeaseRenewal: 500 * time.Millisecond,
 		Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
 	if err != nil {
 		h.t.Fatal(err)
@@ -313,4 +313,10 @@ func TestWriterRebuildsCorruptFile(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Fatalf("the corrupt shard file was not rebuilt; log:\n%s", logs.String())
+}
+
+func (l *lockedBuffer) Reset() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.b.Reset()
 }

@@ -386,6 +386,37 @@ func TestCoordinatorCrash(t *testing.T) {
 	}
 }
 
+// TestSecondCacheWriterRefused: a run has one cache writer. A second one, started while the
+// first holds the run (here before any teacher came, so the run waits in its stats phase),
+// exits with an error naming the first and writes nothing; status shows the writer.
+func TestSecondCacheWriterRefused(t *testing.T) {
+	fx := newPipelineFixture(t)
+	d := newDistributed(t, fx, "twowriters")
+	d.startCoordinator()
+	d.startCache()
+	var out string
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		out, _ = runCLI(t, "status", "--run-dir", d.runDir)
+		if strings.Contains(out, "cache writer: ") && !strings.Contains(out, "cache writer: none") {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !strings.Contains(out, "phase stats") || !strings.Contains(out, "writing "+filepath.Join(d.runDir, "cache")) {
+		t.Fatalf("status does not show the run waiting in stats with its cache writer:\n%s", out)
+	}
+	dir := filepath.Join(fx.dir, "twowriters", "second-cache")
+	second := startProc(t, "second cache", nil, "cache", "--run-dir", d.runDir, "--model", fx.model, "--dir", dir)
+	err := second.wait(t, time.Minute)
+	if err == nil || !strings.Contains(second.out.String(), "another cache writer is writing this run") {
+		t.Fatalf("the second cache writer did not stop with a clear error (%v):\n%s", err, tail(second.out.String(), 2000))
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("the refused writer created %s (%v)", dir, err)
+	}
+}
+
 // TestNATSServerRestart restarts an external nats-server process mid-run.
 func TestNATSServerRestart(t *testing.T) {
 	fx := newPipelineFixture(t)

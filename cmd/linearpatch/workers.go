@@ -228,6 +228,14 @@ func newStatusCmd() *cobra.Command {
 				}
 				fmt.Fprintf(w, "| %s | %d | %d | %d | %d |\n", ph, st.Done[ph], st.Leased[ph], st.Total[ph]-st.Done[ph]-st.Leased[ph], st.Total[ph])
 			}
+			switch h, err := cache.CurrentWriter(ctx, kv); {
+			case err != nil:
+				fmt.Fprintf(w, "\ncache writer: unknown (%v)\n", err)
+			case h == nil:
+				fmt.Fprintln(w, "\ncache writer: none")
+			default:
+				fmt.Fprintf(w, "\ncache writer: %s\n", h)
+			}
 			if len(st.Teachers) > 0 {
 				names := make([]string, 0, len(st.Teachers))
 				for n := range st.Teachers {
