@@ -406,9 +406,19 @@ func TestSecondCacheWriterRefused(t *testing.T) {
 	if !strings.Contains(out, "phase stats") || !strings.Contains(out, "writing "+filepath.Join(d.runDir, "cache")) {
 		t.Fatalf("status does not show the run waiting in stats with its cache writer:\n%s", out)
 	}
+	out, err := runCLI(t, "status", "--run-dir", d.runDir, "--json")
+	var st struct {
+		Phase       string `json:"phase"`
+		CacheWriter struct {
+			Dir string `json:"dir"`
+		} `json:"cache_writer"`
+	}
+	if err != nil || json.Unmarshal([]byte(out), &st) != nil || st.Phase != "stats" || st.CacheWriter.Dir != filepath.Join(d.runDir, "cache") {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
 	dir := filepath.Join(fx.dir, "twowriters", "second-cache")
 	second := startProc(t, "second cache", nil, "cache", "--run-dir", d.runDir, "--model", fx.model, "--dir", dir)
-	err := second.wait(t, time.Minute)
+	err = second.wait(t, time.Minute)
 	if err == nil || !strings.Contains(second.out.String(), "another cache writer is writing this run") {
 		t.Fatalf("the second cache writer did not stop with a clear error (%v):\n%s", err, tail(second.out.String(), 2000))
 	}

@@ -215,8 +215,12 @@ func newStatusCmd() *cobra.Command {
 			if err := json.Unmarshal(e.Value(), &st); err != nil {
 				return err
 			}
+			writer, werr := cache.CurrentWriter(ctx, kv)
 			if s.flag("json") {
-				return json.NewEncoder(cmd.OutOrStdout()).Encode(st)
+				return json.NewEncoder(cmd.OutOrStdout()).Encode(struct {
+					coordinator.Status
+					CacheWriter *cache.Holder `json:"cache_writer"`
+				}{st, writer})
 			}
 			w := cmd.OutOrStdout()
 			fmt.Fprintf(w, "run %s: phase %s (as of %s)\n\n", st.Run, st.Phase, st.Updated.Format(time.RFC3339))
@@ -228,13 +232,13 @@ func newStatusCmd() *cobra.Command {
 				}
 				fmt.Fprintf(w, "| %s | %d | %d | %d | %d |\n", ph, st.Done[ph], st.Leased[ph], st.Total[ph]-st.Done[ph]-st.Leased[ph], st.Total[ph])
 			}
-			switch h, err := cache.CurrentWriter(ctx, kv); {
-			case err != nil:
-				fmt.Fprintf(w, "\ncache writer: unknown (%v)\n", err)
-			case h == nil:
+			switch {
+			case werr != nil:
+				fmt.Fprintf(w, "\ncache writer: unknown (%v)\n", werr)
+			case writer == nil:
 				fmt.Fprintln(w, "\ncache writer: none")
 			default:
-				fmt.Fprintf(w, "\ncache writer: %s\n", h)
+				fmt.Fprintf(w, "\ncache writer: %s\n", writer)
 			}
 			if len(st.Teachers) > 0 {
 				names := make([]string, 0, len(st.Teachers))
