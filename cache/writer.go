@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -150,7 +151,7 @@ func (w *Writer) assemble(ctx context.Context) error {
 			}
 			return nil
 		}, worker.WithConsumeMaxDeliver(-1), worker.WithConsumeAckWait(5*time.Minute), worker.WithMaxAckPending(1<<16),
-		worker.WithConsumeLogger(w.log))
+		worker.WithSoleClient(), worker.WithConsumeLogger(w.log)) // the lease makes this writer the only client
 }
 
 // Meta returns the record metadata the writer accepts.
@@ -234,6 +235,18 @@ func (w *Writer) loadManifest(ctx context.Context, asm *worker.Assembler) error 
 	}
 	m.Shards = keep
 	m.Meta = w.meta
+	// Shards recorded done that this directory lacks (a writer that took the run over on
+	// another machine, a lost manifest) are rebuilt from the stream: their messages were acked.
+	recorded, err := w.recordedDone(ctx)
+	if err != nil {
+		return err
+	}
+	for _, shard := range recorded {
+		if _, ok := m.Entry(shard); !ok && !slices.Contains(refetch, shard) {
+			w.log.Info("shard recorded done but not in this cache directory; rebuilding it from the stream", "shard", shard)
+			refetch = append(refetch, shard)
+		}
+	}
 	w.mu.Lock()
 	w.manifest = m
 	w.mu.Unlock()
@@ -247,6 +260,26 @@ func (w *Writer) loadManifest(ctx context.Context, asm *worker.Assembler) error 
 		asm.MarkComplete(shard)
 	}
 	return nil
+}
+
+// recordedDone lists the cache shards recorded done in the run's bucket.
+func (w *Writer) recordedDone(ctx context.Context) ([]int, error) {
+	prefix := strings.TrimSuffix(coordinator.DoneKey(coordinator.PhaseCache, 0), "000000")
+	lister, err := w.kv.ListKeysFiltered(ctx, prefix+"*")
+	if errors.Is(err, jetstream.ErrNoKeysFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("cache: list completed shards: %w", err)
+	}
+	var out []int
+	for k := range lister.Keys() {
+		if id, err := strconv.Atoi(strings.TrimPrefix(k, prefix)); err == nil {
+			out = append(out, id)
+		}
+	}
+	slices.Sort(out)
+	return out, nil
 }
 
 // refetch rebuilds a shard from the records the data stream still holds (its messages were

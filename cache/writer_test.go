@@ -320,3 +320,33 @@ func (l *lockedBuffer) Reset() {
 	defer l.mu.Unlock()
 	l.b.Reset()
 }
+
+// TestWriterRebuildsShardsMissingHere: a writer that takes a run over in another directory
+// rebuilds, from the stream, the shards the run recorded done elsewhere.
+func TestWriterRebuildsShardsMissingHere(t *testing.T) {
+	h := newHarness(t)
+	rng := rand.New(rand.NewPCG(5, 6))
+	ctx, cancel := context.WithCancel(context.Background())
+	w, err := NewWriter(Options{JS: h.js, Names: h.names, Dir: h.dir, Dim: testDim, Vocab: testVocab})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { _ = w.Run(ctx); close(done) }()
+	h.publishChunk(h.meta, h.window(rng, 0, 0), "")
+	h.publishChunk(h.meta, h.window(rng, 0, 1), "")
+	h.publishDone(0, 2)
+	first := h.waitShard(0)
+	cancel()
+	<-done
+
+	h.dir = filepath.Join(t.TempDir(), "elsewhere")
+	logs := h.startWriter()
+	again := h.waitShard(0)
+	if again.SHA256 != first.SHA256 || again.Rows != first.Rows {
+		t.Fatalf("rebuilt shard %+v differs from %+v", again, first)
+	}
+	if !strings.Contains(logs.String(), "not in this cache directory") {
+		t.Errorf("the rebuild was not logged:\n%s", logs.String())
+	}
+}

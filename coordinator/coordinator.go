@@ -435,7 +435,7 @@ func (c *Coordinator) consumeStats(ctx context.Context) error {
 				return c.storeStats(ctx, shard)
 			}
 			return nil
-		}, worker.WithConsumeMaxDeliver(-1), worker.WithConsumeLogger(c.log))
+		}, worker.WithConsumeMaxDeliver(-1), worker.WithSoleClient(), worker.WithConsumeLogger(c.log)) // one coordinator per run
 }
 
 func (c *Coordinator) storeStats(ctx context.Context, a *worker.Assembled) error {

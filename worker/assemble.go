@@ -102,6 +102,11 @@ func (a *Assembler) Add(m Msg) (Outcome, *Assembled, error) {
 			p.parts[key] = Part{Key: k, Data: m.Data, Msg: m}
 		}
 	}
+	if outcome == Duplicate {
+		// Only its ack is needed: a shard slower than the consumer's AckWait is redelivered
+		// whole every AckWait, and keeping each copy's bytes would multiply its memory.
+		m.Data, m.Header = nil, nil
+	}
 	p.acks = append(p.acks, m)
 	if p.expected < 0 || len(p.parts) < p.expected {
 		return outcome, nil, nil

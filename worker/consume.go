@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"runtime/debug"
@@ -53,6 +54,7 @@ type consumeOptions struct {
 	maxDeliver    int
 	maxAckPending int
 	bufBytes      int
+	sole          bool
 	log           *slog.Logger
 }
 
@@ -99,6 +101,18 @@ func WithBufferBytes(n int) ConsumeOption {
 			return fmt.Errorf("%w: buffer bytes %d", ErrInvalidOption, n)
 		}
 		o.bufBytes = n
+		return nil
+	}
+}
+
+// WithSoleClient says the caller is the durable consumer's only client (it holds
+// the run's lease for it): messages an earlier client left delivered but unacked
+// (it died) are then delivered again at once, not after AckWait. Consume does
+// so by re-creating the consumer from its ack floor; messages acked after the
+// floor come again too, and the caller acks them as stale.
+func WithSoleClient() ConsumeOption {
+	return func(o *consumeOptions) error {
+		o.sole = true
 		return nil
 	}
 }
@@ -159,6 +173,12 @@ func Consume(ctx context.Context, js jetstream.JetStream, names Names, consumerN
 		MaxAckPending: o.maxAckPending,
 		FilterSubject: filterSubject,
 	}
+	if err := resumeFrom(ctx, js, names, &cfg, o); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return fmt.Errorf("worker: data consumer %s: %w", consumerName, err)
+	}
 	cons, err := js.CreateOrUpdateConsumer(ctx, names.DataStream(), cfg)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -200,6 +220,32 @@ func Consume(ctx context.Context, js jetstream.JetStream, names Names, consumerN
 			wait = min(2*wait, retryMaxWait)
 		}
 	}
+	return nil
+}
+
+// resumeFrom adapts cfg to the durable consumer already on the server, if any: it keeps
+// the consumer's start position (a deliver policy cannot be updated), and for a sole
+// client with messages left pending by an earlier client it deletes the consumer and
+// starts cfg after the ack floor, so those messages come at once.
+func resumeFrom(ctx context.Context, js jetstream.JetStream, names Names, cfg *jetstream.ConsumerConfig, o consumeOptions) error {
+	cons, err := js.Consumer(ctx, names.DataStream(), cfg.Durable)
+	if errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	info := cons.CachedInfo()
+	cfg.DeliverPolicy, cfg.OptStartSeq = info.Config.DeliverPolicy, info.Config.OptStartSeq
+	if !o.sole || info.NumAckPending == 0 {
+		return nil
+	}
+	if err := js.DeleteConsumer(ctx, names.DataStream(), cfg.Durable); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return err
+	}
+	cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, info.AckFloor.Stream+1
+	o.log.Info("messages left unacked by an earlier client: delivering them again now", "consumer", cfg.Durable,
+		"pending", info.NumAckPending, "from_seq", cfg.OptStartSeq)
 	return nil
 }
 

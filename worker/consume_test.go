@@ -177,3 +177,67 @@ func TestConsumeErrors(t *testing.T) {
 		t.Fatalf("panicking fn: %v", err)
 	}
 }
+
+// TestConsumeSoleClientReplaysUnacked: messages a dead client left delivered but unacked come
+// back at once to a sole client, long before AckWait; a later sole client with nothing pending
+// reuses the consumer as it is.
+func TestConsumeSoleClientReplaysUnacked(t *testing.T) {
+	_, _, js, names := setupRun(t, StreamConfig{})
+	p, err := NewPublisher(js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	publishData(t, p, names, "acts", 0, 6)
+	ackWait := WithConsumeAckWait(time.Minute)
+	var mu sync.Mutex
+	got := map[string]int{}
+	count := func() int { mu.Lock(); defer mu.Unlock(); return len(got) }
+	consume := func(ack func(m Msg) bool, opts ...ConsumeOption) func() error {
+		return consumeUntil(t, func(ctx context.Context) error {
+			return Consume(ctx, js, names, "cache", "", func(ctx context.Context, m Msg) error {
+				mu.Lock()
+				got[m.Subject]++
+				mu.Unlock()
+				if ack(m) {
+					return m.AckSync(ctx)
+				}
+				return nil
+			}, append([]ConsumeOption{ackWait, WithConsumeLogger(testLogger())}, opts...)...)
+		})
+	}
+	// the first client acks chunks 0 and 1, holds the rest unacked, and dies
+	stop := consume(func(m Msg) bool { k, _ := names.ParseDataSubject(m.Subject); return k.Chunk < 2 })
+	waitFor(t, 5*time.Second, "6 deliveries", func() bool { return count() == 6 })
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	// a plain client does not see them before AckWait
+	got = map[string]int{}
+	stop = consume(func(Msg) bool { return true })
+	time.Sleep(time.Second)
+	if n := count(); n != 0 {
+		t.Fatalf("a plain client got %d pending messages before AckWait", n)
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	// a sole client gets the 4 unacked ones at once
+	stop = consume(func(Msg) bool { return true }, WithSoleClient())
+	waitFor(t, 5*time.Second, "the 4 unacked messages", func() bool { return count() == 4 })
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	for s := range got {
+		if k, _ := names.ParseDataSubject(s); k.Chunk < 2 {
+			t.Fatalf("acked message %s delivered again", s)
+		}
+	}
+	// nothing pending now: the next sole client keeps the consumer (its start sequence) and
+	// gets nothing
+	got = map[string]int{}
+	stop = consume(func(Msg) bool { return true }, WithSoleClient())
+	time.Sleep(time.Second)
+	if err := stop(); err != nil || count() != 0 {
+		t.Fatalf("idle sole client: err %v, %d deliveries", err, count())
+	}
+}

@@ -386,6 +386,39 @@ func TestCoordinatorCrash(t *testing.T) {
 	}
 }
 
+// TestCacheWriterCrash kills the cache writer mid-phase and restarts it: the restarted writer
+// takes its lease over at once, gets the messages its predecessor held unacked without
+// waiting for their 5-minute AckWait, and the cache ends bit-identical to the reference.
+func TestCacheWriterCrash(t *testing.T) {
+	fx := newPipelineFixture(t)
+	ref := fx.reference(t)
+	d := newDistributed(t, fx, "cachecrash")
+	d.startCoordinator()
+	d.startCache()
+	d.startTeacher(nil, "", "30ms")
+	d.startTeacher(nil, "", "30ms")
+	manifest := filepath.Join(d.runDir, "cache", "manifest.json")
+	deadline := time.Now().Add(time.Minute)
+	for {
+		if m, err := shards.LoadManifest(manifest); err == nil && len(m.Shards) >= 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the cache phase made no progress")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	first := d.cache
+	first.kill()
+	_ = first.wait(t, 10*time.Second)
+	d.earlier = append(d.earlier, first)
+	d.startCache()
+	d.finish(ref)
+	if strings.Contains(d.cache.out.String(), "waiting to see whether it is alive") {
+		t.Error("the restarted writer waited for its own lease")
+	}
+}
+
 // TestSecondCacheWriterRefused: a run has one cache writer. A second one, started while the
 // first holds the run (here before any teacher came, so the run waits in its stats phase),
 // exits with an error naming the first and writes nothing; status shows the writer.
