@@ -13,7 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-const testRenewal = 100 * time.Millisecond
+const testRenewal = 250 * time.Millisecond
 
 func (h *harness) kv() jetstream.KeyValue {
 	h.t.Helper()
@@ -95,7 +95,8 @@ func TestLeaseRenewalReplyLost(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := kv.Update(t.Context(), WriterKey, a.value, a.rev); err != nil { // the "lost" renewal
+	lost, err := kv.Update(t.Context(), WriterKey, a.value, a.rev) // the "lost" renewal
+	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 5*testRenewal)
@@ -107,9 +108,11 @@ func TestLeaseRenewalReplyLost(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// (the last renewal may be stored with its reply cut off by the deadline: compare with
+	// the lost revision, not with the writer's)
 	var cur Holder
-	if err := json.Unmarshal(e.Value(), &cur); err != nil || cur.Host != "a" || e.Revision() != a.rev {
-		t.Fatalf("lease now %s at revision %d (writer's %d), err %v", e.Value(), e.Revision(), a.rev, err)
+	if err := json.Unmarshal(e.Value(), &cur); err != nil || cur.Host != "a" || e.Revision() <= lost {
+		t.Fatalf("lease now %s at revision %d (lost renewal at %d), err %v", e.Value(), e.Revision(), lost, err)
 	}
 }
 

@@ -155,7 +155,7 @@ func (h *harness) publishDone(shard, messages int) {
 func (h *harness) startWriter() *lockedBuffer {
 	h.t.Helper()
 	logs := &lockedBuffer{}
-	w, err := NewWriter(Options{JS: h.js, Names: h.names, Dir: h.dir, Dim: testDim, Vocab: testVocab, LeaseRenewal: 500 * time.Millisecond,
+	w, err := NewWriter(Options{JS: h.js, Names: h.names, Dir: h.dir, Dim: testDim, Vocab: testVocab, LeaseRenewal: time.Second,
 		Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
 	if err != nil {
 		h.t.Fatal(err)
