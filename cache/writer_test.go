@@ -182,6 +182,25 @@ func (h *harness) waitShard(shard int) shards.ManifestEntry {
 	return shards.ManifestEntry{}
 }
 
+// writeOneShard runs a writer until it has written shard 0 (two windows), then stops it.
+func (h *harness) writeOneShard(rng *rand.Rand) shards.ManifestEntry {
+	h.t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	w, err := NewWriter(Options{JS: h.js, Names: h.names, Dir: h.dir, Dim: testDim, Vocab: testVocab})
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { _ = w.Run(ctx); close(done) }()
+	h.publishChunk(h.meta, h.window(rng, 0, 0), "")
+	h.publishChunk(h.meta, h.window(rng, 0, 1), "")
+	h.publishDone(0, 2)
+	e := h.waitShard(0)
+	cancel()
+	<-done
+	return e
+}
+
 // withVersion re-encodes a message with another schema version in its metadata.
 func withVersion(t *testing.T, msg []byte, version string) []byte {
 	t.Helper()
@@ -275,19 +294,7 @@ func TestWriterRejectsForeignRecords(t *testing.T) {
 func TestWriterRebuildsCorruptFile(t *testing.T) {
 	h := newHarness(t)
 	rng := rand.New(rand.NewPCG(3, 4))
-	ctx, cancel := context.WithCancel(context.Background())
-	w, err := NewWriter(Options{JS: h.js, Names: h.names, Dir: h.dir, Dim: testDim, Vocab: testVocab})
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { _ = w.Run(ctx); close(done) }()
-	h.publishChunk(h.meta, h.window(rng, 0, 0), "")
-	h.publishChunk(h.meta, h.window(rng, 0, 1), "")
-	h.publishDone(0, 2)
-	e := h.waitShard(0)
-	cancel()
-	<-done
+	e := h.writeOneShard(rng)
 
 	path := e.Path(h.dir)
 	raw, err := os.ReadFile(path)
@@ -326,19 +333,7 @@ func (l *lockedBuffer) Reset() {
 func TestWriterRebuildsShardsMissingHere(t *testing.T) {
 	h := newHarness(t)
 	rng := rand.New(rand.NewPCG(5, 6))
-	ctx, cancel := context.WithCancel(context.Background())
-	w, err := NewWriter(Options{JS: h.js, Names: h.names, Dir: h.dir, Dim: testDim, Vocab: testVocab})
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { _ = w.Run(ctx); close(done) }()
-	h.publishChunk(h.meta, h.window(rng, 0, 0), "")
-	h.publishChunk(h.meta, h.window(rng, 0, 1), "")
-	h.publishDone(0, 2)
-	first := h.waitShard(0)
-	cancel()
-	<-done
+	first := h.writeOneShard(rng)
 
 	h.dir = filepath.Join(t.TempDir(), "elsewhere")
 	logs := h.startWriter()

@@ -247,6 +247,26 @@ func (d *distributed) startTeacher(prefix []string, natsURL string, delay string
 	return p
 }
 
+// waitCacheShards waits until the cache manifest lists at least n shards and returns their
+// checksums by shard.
+func (d *distributed) waitCacheShards(n int) map[int]string {
+	d.t.Helper()
+	manifest := filepath.Join(d.runDir, "cache", "manifest.json")
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) {
+		if m, err := shards.LoadManifest(manifest); err == nil && len(m.Shards) >= n {
+			sums := map[int]string{}
+			for _, e := range m.Shards {
+				sums[e.Shard] = e.SHA256
+			}
+			return sums
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	d.t.Fatal("the cache phase made no progress")
+	return nil
+}
+
 // finish waits for the coordinator and checks the run completed with every shard once and
 // bit-identical to the reference.
 func (d *distributed) finish(ref map[int]string) {
@@ -344,22 +364,7 @@ func TestCoordinatorCrash(t *testing.T) {
 	d.startCache()
 	d.startTeacher(nil, "", "30ms")
 	d.startTeacher(nil, "", "30ms")
-	manifest := filepath.Join(d.runDir, "cache", "manifest.json")
-	var before map[int]string
-	deadline := time.Now().Add(time.Minute)
-	for time.Now().Before(deadline) {
-		if m, err := shards.LoadManifest(manifest); err == nil && len(m.Shards) >= 4 {
-			before = map[int]string{}
-			for _, e := range m.Shards {
-				before[e.Shard] = e.SHA256
-			}
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	if before == nil {
-		t.Fatal("the cache phase made no progress")
-	}
+	before := d.waitCacheShards(4)
 	d.coord.kill()
 	_ = d.coord.wait(t, 10*time.Second)
 	d.startCoordinator()
@@ -397,17 +402,7 @@ func TestCacheWriterCrash(t *testing.T) {
 	d.startCache()
 	d.startTeacher(nil, "", "30ms")
 	d.startTeacher(nil, "", "30ms")
-	manifest := filepath.Join(d.runDir, "cache", "manifest.json")
-	deadline := time.Now().Add(time.Minute)
-	for {
-		if m, err := shards.LoadManifest(manifest); err == nil && len(m.Shards) >= 3 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the cache phase made no progress")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	d.waitCacheShards(3)
 	first := d.cache
 	first.kill()
 	_ = first.wait(t, 10*time.Second)

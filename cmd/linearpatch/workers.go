@@ -144,7 +144,13 @@ func newCacheCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "cache --nats URL --run ID --model PATH --dir DIR",
 		Short: "The cache writer: assemble teacher records into verified shard files",
-		Args:  cobra.NoArgs,
+		Long: `Assemble the teachers' activation records of run --run into Arrow shard files in --dir,
+listed with their checksums in --dir/manifest.json. A run has one cache writer: this one holds
+the run's writer lease while it runs, and a second one exits with an error naming the first.
+Restarted (same host and --dir) it resumes at once; started elsewhere after the holder died,
+it takes over once the lease lapses (15 s) and rebuilds the shards its directory lacks from
+the stream. Exits when the run is done.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			s, err := resolve(cmd)
 			if err != nil {
