@@ -55,12 +55,11 @@ func thisWriter(dir string, renewal time.Duration) Holder {
 
 // lease is a held writer lease.
 type lease struct {
-	kv     jetstream.KeyValue
-	holder Holder
-	value  []byte
-	rev    uint64
-	every  time.Duration
-	log    *slog.Logger
+	kv    jetstream.KeyValue
+	value []byte // the holder, as stored
+	rev   uint64
+	every time.Duration
+	log   *slog.Logger
 }
 
 // acquireLease takes the run's writer lease for h, to be renewed every h.Renewal. It waits
@@ -74,7 +73,7 @@ func acquireLease(ctx context.Context, kv jetstream.KeyValue, h Holder, log *slo
 	if err != nil {
 		return nil, err
 	}
-	l := &lease{kv: kv, holder: h, value: value, every: h.Renewal, log: log}
+	l := &lease{kv: kv, value: value, every: h.Renewal, log: log}
 	for {
 		rev, err := kv.Create(ctx, WriterKey, value)
 		if err == nil {

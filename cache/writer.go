@@ -285,7 +285,7 @@ func (w *Writer) recordedDone(ctx context.Context) ([]int, error) {
 // refetch rebuilds a shard from the records the data stream still holds (its messages were
 // acked when the shard was first written, so the durable consumer will not bring them back).
 func (w *Writer) refetch(ctx context.Context, shard int) error {
-	filter := strings.TrimSuffix(w.o.Names.DataFilter(string(coordinator.PhaseCache)), ">") + strconv.Itoa(shard) + ".>"
+	filter := w.o.Names.ShardFilter(string(coordinator.PhaseCache), shard)
 	cons, err := w.o.JS.OrderedConsumer(ctx, w.o.Names.DataStream(), jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}})
 	if err != nil {
 		return fmt.Errorf("cache: refetch shard %d: %w", shard, err)

@@ -134,6 +134,21 @@ func (n Names) DataFilter(phase string) string {
 	return "lp." + n.run + ".data." + phase + ".>"
 }
 
+// ShardFilter matches every data message of one shard, its done marker included:
+// "lp.<run>.data.<phase>.<shard>.>". It panics like DoneSubject.
+func (n Names) ShardFilter(phase string, shard int) string {
+	mustPhase(phase)
+	mustIndex("shard", shard)
+	return "lp." + n.run + ".data." + phase + "." + strconv.Itoa(shard) + ".>"
+}
+
+// DoneFilter matches the done markers of every shard of a phase:
+// "lp.<run>.data.<phase>.*.done". It panics if phase fails ValidatePhase.
+func (n Names) DoneFilter(phase string) string {
+	mustPhase(phase)
+	return "lp." + n.run + ".data." + phase + ".*.done"
+}
+
 // DataSubject is "lp.<run>.data.<phase>.<shard>.<window>.<chunk>". It panics if
 // phase fails ValidatePhase or a number is negative.
 func (n Names) DataSubject(phase string, shard, window, chunk int) string {

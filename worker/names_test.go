@@ -23,6 +23,8 @@ func TestNames(t *testing.T) {
 		{n.DataFilter("acts"), "lp.run-1.data.acts.>"},
 		{n.DataSubject("acts", 3, 0, 12), "lp.run-1.data.acts.3.0.12"},
 		{n.DoneSubject("acts", 3), "lp.run-1.data.acts.3.done"},
+		{n.ShardFilter("acts", 3), "lp.run-1.data.acts.3.>"},
+		{n.DoneFilter("acts"), "lp.run-1.data.acts.*.done"},
 		{MsgID(DataKey{Run: "run-1", Phase: "acts", Shard: 3, Window: 0, Chunk: 12}), "run-1/acts/3/0/12"},
 		{MsgID(DataKey{Run: "run-1", Phase: "acts", Shard: 3, Done: true}), "run-1/acts/3/done"},
 	} {

@@ -230,8 +230,7 @@ func MarkedShards(ctx context.Context, js jetstream.JetStream, names Names, phas
 	if err != nil {
 		return nil, fmt.Errorf("worker: data stream: %w", err)
 	}
-	filter := "lp." + names.Run() + ".data." + phase + ".*.done"
-	info, err := s.Info(ctx, jetstream.WithSubjectFilter(filter))
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(names.DoneFilter(phase)))
 	if err != nil {
 		return nil, fmt.Errorf("worker: list the done markers of %s: %w", phase, err)
 	}
@@ -269,10 +268,9 @@ func StoredShard(ctx context.Context, js jetstream.JetStream, names Names, phase
 	case err != nil:
 		return nil, 0, fmt.Errorf("worker: done marker of %s shard %d: %w", phase, shard, err)
 	}
-	filter := "lp." + names.Run() + ".data." + phase + "." + fmt.Sprint(shard) + ".*.*"
-	info, err := s.Info(ctx, jetstream.WithSubjectFilter(filter))
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(names.ShardFilter(phase, shard)))
 	if err != nil {
 		return nil, 0, fmt.Errorf("worker: records of %s shard %d: %w", phase, shard, err)
 	}
-	return m.Data, len(info.State.Subjects), nil
+	return m.Data, len(info.State.Subjects) - 1, nil // all but the marker
 }

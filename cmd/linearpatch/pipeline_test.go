@@ -354,16 +354,25 @@ func TestTeacherInNetworkNamespace(t *testing.T) {
 	d.finish(ref)
 }
 
-// TestCoordinatorCrash kills the coordinator (and its embedded NATS) mid-phase and restarts
-// it: it resumes from the KV bucket and no shard completed before the crash is computed again.
-func TestCoordinatorCrash(t *testing.T) {
+// startSlowRun starts a coordinator, the cache writer and two teachers slowed to 30 ms a
+// window, so that a crash test can strike mid-phase; it returns the run and the reference
+// checksums of its cache.
+func startSlowRun(t *testing.T, name string) (*distributed, map[int]string) {
+	t.Helper()
 	fx := newPipelineFixture(t)
 	ref := fx.reference(t)
-	d := newDistributed(t, fx, "coordcrash")
+	d := newDistributed(t, fx, name)
 	d.startCoordinator()
 	d.startCache()
 	d.startTeacher(nil, "", "30ms")
 	d.startTeacher(nil, "", "30ms")
+	return d, ref
+}
+
+// TestCoordinatorCrash kills the coordinator (and its embedded NATS) mid-phase and restarts
+// it: it resumes from the KV bucket and no shard completed before the crash is computed again.
+func TestCoordinatorCrash(t *testing.T) {
+	d, ref := startSlowRun(t, "coordcrash")
 	before := d.waitCacheShards(4)
 	d.coord.kill()
 	_ = d.coord.wait(t, 10*time.Second)
@@ -395,13 +404,7 @@ func TestCoordinatorCrash(t *testing.T) {
 // takes its lease over at once, gets the messages its predecessor held unacked without
 // waiting for their 5-minute AckWait, and the cache ends bit-identical to the reference.
 func TestCacheWriterCrash(t *testing.T) {
-	fx := newPipelineFixture(t)
-	ref := fx.reference(t)
-	d := newDistributed(t, fx, "cachecrash")
-	d.startCoordinator()
-	d.startCache()
-	d.startTeacher(nil, "", "30ms")
-	d.startTeacher(nil, "", "30ms")
+	d, ref := startSlowRun(t, "cachecrash")
 	d.waitCacheShards(3)
 	first := d.cache
 	first.kill()
