@@ -182,7 +182,8 @@ func (h *harness) waitShard(shard int) shards.ManifestEntry {
 	return shards.ManifestEntry{}
 }
 
-// writeOneShard runs a writer until it has written shard 0 (two windows), then stops it.
+// writeOneShard runs a writer until it has written shard 0 (two windows) and recorded it
+// done, then stops it.
 func (h *harness) writeOneShard(rng *rand.Rand) shards.ManifestEntry {
 	h.t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -196,6 +197,21 @@ func (h *harness) writeOneShard(rng *rand.Rand) shards.ManifestEntry {
 	h.publishChunk(h.meta, h.window(rng, 0, 1), "")
 	h.publishDone(0, 2)
 	e := h.waitShard(0)
+	// the manifest is saved before the shard is recorded done: wait for the record too
+	kv, err := h.js.KeyValue(ctx, h.names.KVBucket())
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := kv.Get(ctx, coordinator.DoneKey(coordinator.PhaseCache, 0)); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			h.t.Fatal("shard 0 was never recorded done")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	cancel()
 	<-done
 	return e
