@@ -134,7 +134,8 @@ func WithConsumeLogger(l *slog.Logger) ConsumeOption {
 // with explicit acks, and calls fn for each delivery, in the order received,
 // until ctx ends; then it returns nil. fn acks (see Msg); redeliveries are not
 // ordered. If fn returns an error or panics, the message is nak'd and Consume
-// returns that error (a panic wraps ErrHandlerPanic). Server restarts are
+// returns that error (a panic wraps ErrHandlerPanic); an error that only says ctx
+// ended (an ack cut short by the shutdown) is a stop, and Consume returns nil. Server restarts are
 // survived; the consumer is re-created if it vanished. A closed connection
 // ends Consume with an error wrapping nats.ErrConnectionClosed.
 func Consume(ctx context.Context, js jetstream.JetStream, names Names, consumerName, filterSubject string, fn func(ctx context.Context, m Msg) error, opts ...ConsumeOption) error {
@@ -250,7 +251,8 @@ func resumeFrom(ctx context.Context, js jetstream.JetStream, names Names, cfg *j
 }
 
 // drain feeds fn from iter until ctx ends or the iterator fails (nil; the
-// iterator error is logged) or fn fails (its error).
+// iterator error is logged) or fn fails (its error; nil when fn only reports
+// that ctx ended).
 func drain(ctx context.Context, iter jetstream.MessagesContext, fn func(context.Context, Msg) error, log *slog.Logger) error {
 	for {
 		// The iterator renews pulls after reconnects and missed heartbeats by
@@ -265,6 +267,10 @@ func drain(ctx context.Context, iter jetstream.MessagesContext, fn func(context.
 		m := NewMsg(raw)
 		if err := callFn(ctx, fn, m); err != nil {
 			_ = raw.Nak()
+			if ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+				// fn was cut short by the shutdown (an ack in flight): a stop, not a failure
+				return nil
+			}
 			return err
 		}
 	}
