@@ -16,7 +16,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -264,8 +263,7 @@ func (w *Writer) loadManifest(ctx context.Context, asm *worker.Assembler) error 
 
 // recordedDone lists the cache shards recorded done in the run's bucket.
 func (w *Writer) recordedDone(ctx context.Context) ([]int, error) {
-	prefix := strings.TrimSuffix(coordinator.DoneKey(coordinator.PhaseCache, 0), "000000")
-	lister, err := w.kv.ListKeysFiltered(ctx, prefix+"*")
+	lister, err := w.kv.ListKeysFiltered(ctx, coordinator.DoneKeys(coordinator.PhaseCache))
 	if errors.Is(err, jetstream.ErrNoKeysFound) {
 		return nil, nil
 	}
@@ -274,7 +272,7 @@ func (w *Writer) recordedDone(ctx context.Context) ([]int, error) {
 	}
 	var out []int
 	for k := range lister.Keys() {
-		if id, err := strconv.Atoi(strings.TrimPrefix(k, prefix)); err == nil {
+		if _, id, ok := coordinator.ParseDoneKey(k); ok {
 			out = append(out, id)
 		}
 	}

@@ -270,11 +270,12 @@ func (c *Core) enter(ph Phase) []Action {
 	acts := []Action{ActPersistPhase{Phase: ph}}
 	switch ph {
 	case PhaseStats, PhaseCache:
-		if len(c.pending(ph)) == 0 {
+		pending := c.pending(ph)
+		if len(pending) == 0 {
 			return append(acts, c.advance()...)
 		}
 		var publish []Shard
-		for _, s := range c.pending(ph) {
+		for _, s := range pending {
 			if !c.marked[ShardKey(ph, s.ID)] {
 				publish = append(publish, s)
 			}

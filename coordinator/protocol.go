@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"strconv"
+	"strings"
 )
 
 // The run's state in its JetStream KV bucket and object store (namespaced by run id, see
@@ -27,6 +29,26 @@ const (
 
 // DoneKey is the KV key under which a shard's completion is recorded.
 func DoneKey(ph Phase, id int) string { return fmt.Sprintf("done.%s.%06d", ph, id) }
+
+// DoneKeys is the KV key filter matching the completion keys of every shard of ph.
+func DoneKeys(ph Phase) string { return "done." + string(ph) + ".*" }
+
+// ParseDoneKey returns the phase and shard id of a DoneKey; ok is false for any other key.
+func ParseDoneKey(key string) (ph Phase, id int, ok bool) {
+	rest, found := strings.CutPrefix(key, "done.")
+	if !found {
+		return "", 0, false
+	}
+	phase, num, found := strings.Cut(rest, ".")
+	if !found {
+		return "", 0, false
+	}
+	id, err := strconv.Atoi(num)
+	if err != nil || id < 0 {
+		return "", 0, false
+	}
+	return Phase(phase), id, true
+}
 
 // TeacherKey is the KV key of a teacher's status.
 func TeacherKey(name string) string { return "teacher." + name }

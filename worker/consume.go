@@ -134,10 +134,10 @@ func WithConsumeLogger(l *slog.Logger) ConsumeOption {
 // with explicit acks, and calls fn for each delivery, in the order received,
 // until ctx ends; then it returns nil. fn acks (see Msg); redeliveries are not
 // ordered. If fn returns an error or panics, the message is nak'd and Consume
-// returns that error (a panic wraps ErrHandlerPanic); an error that only says ctx
-// ended (an ack cut short by the shutdown) is a stop, and Consume returns nil. Server restarts are
-// survived; the consumer is re-created if it vanished. A closed connection
-// ends Consume with an error wrapping nats.ErrConnectionClosed.
+// returns that error (a panic wraps ErrHandlerPanic); an error that only says
+// ctx ended (an ack cut short by the shutdown) is a stop, and Consume returns
+// nil. Server restarts are survived; the consumer is re-created if it vanished.
+// A closed connection ends Consume with an error wrapping nats.ErrConnectionClosed.
 func Consume(ctx context.Context, js jetstream.JetStream, names Names, consumerName, filterSubject string, fn func(ctx context.Context, m Msg) error, opts ...ConsumeOption) error {
 	if js == nil || fn == nil {
 		return fmt.Errorf("%w: nil JetStream or fn", ErrInvalidOption)
