@@ -5,7 +5,7 @@ BIN := bin/linearpatch
 SHARED ?= ../shared
 GOTESTFLAGS ?=
 
-.PHONY: all deps build build-purego test test-openblas test-purego vet bench demo fuzz clean
+.PHONY: all deps build build-purego test test-openblas test-purego test-coretypes vet bench demo fuzz clean
 
 all: build
 
@@ -38,12 +38,24 @@ test-purego:
 	@echo "== tests, pure-Go build (CGO_ENABLED=0) =="
 	CGO_ENABLED=0 $(GO) test -count=1 -short -timeout 20m $(GOTESTFLAGS) ./...
 
+# By hand, not in `make test` or CI: the BLAS-dependent packages under every OpenBLAS
+# kernel set this CPU can run (Prescott, Haswell, SkylakeX), so no test relies on one
+# kernel's rounding. CI leaves OPENBLAS_CORETYPE as the machine sets it.
+test-coretypes: deps
+	GO=$(GO) scripts/test-coretypes.sh $(GOTESTFLAGS)
+
 # Benchmarks print ratios measured within one run (the machines are shared and noisy).
 bench: build
 	@echo "== engine forward vs sgemm (OpenBLAS build) =="
 	./$(BIN) bench
+	@echo "== half-precision weights: teacher peak RSS of a 2048-token window, BF16 vs float32 forward (LLaMA-3-8B shapes, 4 layers: a 3.8 GB model written to a temporary directory, about 8 GB of RAM) =="
+	./$(BIN) bench-dtype --like $(SHARED)/tokenizers/llama3/config.json --layers 4 --dtype bf16
 	@echo "== student KD step: throughput, memory, projection of the paper's run =="
 	GOMEMLIMIT=4GiB ./$(BIN) bench-student
+	@echo "== data-parallel distillation: 2 student processes × 1 thread vs 1 × 1, d=1024, --batch 4 (target ≥ 1.8× on an idle 2-core machine) =="
+	./$(BIN) bench-students --students 2 --batch 4 --steps 6
+	@echo "== tokenizer.json encoding: MB/s of text on one core (llama3, qwen3, mistral; floor 1 MB/s) =="
+	$(GO) test -run '^$$' -bench BenchmarkHFTokenizerEncode -benchtime 3x -cpu 1 ./model/
 	@echo "== kernels =="
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./model/tensor/
 	@echo "== JetStream transport: activation batches, d=1024 float16 k=50 =="
@@ -73,6 +85,11 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzSafetensorsHeader -fuzztime 30s ./model/
 	$(GO) test -run '^$$' -fuzz FuzzLlama2cHeader -fuzztime 30s ./model/
 	$(GO) test -run '^$$' -fuzz FuzzSentencePiece -fuzztime 30s ./model/
+	$(GO) test -run '^$$' -fuzz FuzzHFTokenizerJSON -fuzztime 30s ./model/
+	$(GO) test -run '^$$' -fuzz FuzzHFTokenizerEncode -fuzztime 30s ./model/
+	$(GO) test -run '^$$' -fuzz FuzzParseConfig -fuzztime 30s ./model/
+	$(GO) test -run '^$$' -fuzz FuzzColumnarData -fuzztime 30s ./model/
+	$(GO) test -run '^$$' -fuzz FuzzLoadTask -fuzztime 30s ./model/
 
 clean:
 	rm -rf bin

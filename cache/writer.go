@@ -23,8 +23,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/sync/errgroup"
 
-	"linearpatch/coordinator"
+	"linearpatch/metrics"
 	"linearpatch/model"
+	"linearpatch/protocol"
 	"linearpatch/shards"
 	"linearpatch/teacher"
 	"linearpatch/worker"
@@ -45,19 +46,23 @@ type Options struct {
 	// LeaseRenewal is how often the writer renews its lease on the run (default
 	// DefaultLeaseRenewal); see WriterKey.
 	LeaseRenewal time.Duration
+	// Metrics, when set, counts the shard files, bytes and tokens the writer writes and
+	// the records redelivered to it.
+	Metrics *metrics.CacheWriter
 }
 
 // Writer assembles shards. Run it with Run.
 type Writer struct {
 	o    Options
 	log  *slog.Logger
-	plan *coordinator.Plan
-	fit  coordinator.FitResult
+	plan *protocol.Plan
+	fit  protocol.FitResult
 	meta shards.Meta
 
 	mu       sync.Mutex
 	manifest *shards.Manifest
 	kv       jetstream.KeyValue
+	redone   map[int]time.Time // when a recomputation of the shard was last asked for
 }
 
 // NewWriter checks the options.
@@ -122,21 +127,26 @@ func (w *Writer) assemble(ctx context.Context) error {
 	if err := os.MkdirAll(w.o.Dir, 0o755); err != nil {
 		return fmt.Errorf("cache: %w", err)
 	}
-	asm := worker.NewAssembler(w.o.Names, string(coordinator.PhaseCache))
+	asm := worker.NewAssembler(w.o.Names, string(protocol.PhaseCache))
 	if err := w.loadManifest(ctx, asm); err != nil {
 		return err
 	}
-	return worker.Consume(ctx, w.o.JS, w.o.Names, "cache-writer", w.o.Names.DataFilter(string(coordinator.PhaseCache)),
+	return worker.Consume(ctx, w.o.JS, w.o.Names, "cache-writer", w.o.Names.DataFilter(string(protocol.PhaseCache)),
 		func(ctx context.Context, m worker.Msg) error {
+			if m.Delivered > 1 {
+				w.o.Metrics.Redelivered()
+			}
 			if !strings.HasSuffix(m.Subject, ".done") {
 				if _, err := shards.DecodeMessage(m.Data, w.meta); err != nil {
-					w.log.Warn("rejected record", "subject", m.Subject, "reason", err)
+					w.log.Warn("rejected record", "subject", m.Subject, "claimed_publisher", worker.ClaimedPublisher(m.Header), "reason", err)
+					w.requestRedo(ctx, m.Subject, err, worker.ClaimedPublisher(m.Header))
 					return m.Term()
 				}
 			}
 			outcome, a, err := asm.Add(m)
 			if err != nil {
-				w.log.Warn("rejected message", "subject", m.Subject, "reason", err)
+				w.log.Warn("rejected message", "subject", m.Subject, "claimed_publisher", worker.ClaimedPublisher(m.Header), "reason", err)
+				w.requestRedo(ctx, m.Subject, err, worker.ClaimedPublisher(m.Header))
 				return m.Term()
 			}
 			switch outcome {
@@ -175,10 +185,13 @@ func (w *Writer) waitBucket(ctx context.Context) error {
 // waitFit waits until the run's plan and fitted block are in the bucket.
 func (w *Writer) waitFit(ctx context.Context) error {
 	for {
-		var p coordinator.Plan
-		var f coordinator.FitResult
-		if err := getJSON(ctx, w.kv, coordinator.KeyPlan, &p); err == nil {
-			if err := getJSON(ctx, w.kv, coordinator.KeyFit, &f); err == nil {
+		var p protocol.Plan
+		var f protocol.FitResult
+		if err := getJSON(ctx, w.kv, protocol.KeyPlan, &p); err == nil {
+			if err := p.CheckVersion(); err != nil {
+				return fmt.Errorf("cache: %w", err)
+			}
+			if err := getJSON(ctx, w.kv, protocol.KeyFit, &f); err == nil {
 				w.plan, w.fit = &p, f
 				meta, err := teacher.CacheMeta(&p, &model.Model{Config: model.Config{Dim: w.o.Dim, Vocab: w.o.Vocab}}, f.Start, f.End)
 				if err != nil {
@@ -220,7 +233,10 @@ func (w *Writer) loadManifest(ctx context.Context, asm *worker.Assembler) error 
 	var refetch []int
 	for _, e := range m.Shards {
 		sum, err := shards.FileSHA256(e.Path(w.o.Dir))
-		if err != nil || sum != e.SHA256 {
+		if err == nil && sum != e.SHA256 {
+			err = fmt.Errorf("%w: %s has sha256 %s, the manifest records %s", shards.ErrChecksum, e.File, sum, e.SHA256)
+		}
+		if err != nil {
 			w.log.Warn("shard file fails verification; rebuilding it from the stream", "shard", e.Shard, "file", e.File, "err", err)
 			os.Remove(e.Path(w.o.Dir))
 			refetch = append(refetch, e.Shard)
@@ -252,6 +268,7 @@ func (w *Writer) loadManifest(ctx context.Context, asm *worker.Assembler) error 
 	if err := m.Save(path); err != nil {
 		return err
 	}
+	w.o.Metrics.SetShards(len(m.Shards))
 	for _, shard := range refetch {
 		if err := w.refetch(ctx, shard); err != nil {
 			return err
@@ -263,7 +280,7 @@ func (w *Writer) loadManifest(ctx context.Context, asm *worker.Assembler) error 
 
 // recordedDone lists the cache shards recorded done in the run's bucket.
 func (w *Writer) recordedDone(ctx context.Context) ([]int, error) {
-	lister, err := w.kv.ListKeysFiltered(ctx, coordinator.DoneKeys(coordinator.PhaseCache))
+	lister, err := w.kv.ListKeysFiltered(ctx, protocol.DoneKeys(protocol.PhaseCache))
 	if errors.Is(err, jetstream.ErrNoKeysFound) {
 		return nil, nil
 	}
@@ -272,7 +289,7 @@ func (w *Writer) recordedDone(ctx context.Context) ([]int, error) {
 	}
 	var out []int
 	for k := range lister.Keys() {
-		if _, id, ok := coordinator.ParseDoneKey(k); ok {
+		if _, id, ok := protocol.ParseDoneKey(k); ok {
 			out = append(out, id)
 		}
 	}
@@ -282,34 +299,32 @@ func (w *Writer) recordedDone(ctx context.Context) ([]int, error) {
 
 // refetch rebuilds a shard from the records the data stream still holds (its messages were
 // acked when the shard was first written, so the durable consumer will not bring them back).
+// It reads them with bounded direct requests (worker.ReadShard), not an ordered consumer,
+// whose re-creation after a server's loss can block without end.
 func (w *Writer) refetch(ctx context.Context, shard int) error {
-	filter := w.o.Names.ShardFilter(string(coordinator.PhaseCache), shard)
-	cons, err := w.o.JS.OrderedConsumer(ctx, w.o.Names.DataStream(), jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}})
-	if err != nil {
-		return fmt.Errorf("cache: refetch shard %d: %w", shard, err)
-	}
-	asm := worker.NewAssembler(w.o.Names, string(coordinator.PhaseCache))
-	for {
-		fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		raw, err := cons.Next(jetstream.FetchContext(fctx))
-		cancel()
-		if err != nil {
-			return fmt.Errorf("cache: refetch shard %d: the stream no longer holds its records (%v); recompute it by deleting %s from the run's bucket", shard, err, coordinator.DoneKey(coordinator.PhaseCache, shard))
-		}
-		m := worker.NewMsg(raw)
+	asm := worker.NewAssembler(w.o.Names, string(protocol.PhaseCache))
+	err := worker.ReadShard(ctx, w.o.JS, w.o.Names, string(protocol.PhaseCache), shard, func(m worker.Msg) (bool, error) {
 		if !strings.HasSuffix(m.Subject, ".done") {
 			if _, err := shards.DecodeMessage(m.Data, w.meta); err != nil {
-				continue
+				return false, nil // not a record of this run: another copy may follow
 			}
 		}
 		outcome, a, err := asm.Add(m)
-		if err != nil {
-			continue
+		if err != nil || outcome != worker.Completed {
+			return false, nil
 		}
-		if outcome == worker.Completed {
-			return w.store(ctx, a)
-		}
+		return true, w.store(ctx, a)
+	})
+	switch {
+	case err == nil:
+		return nil
+	case ctx.Err() != nil:
+		// Stopped (the run ended meanwhile), not a shard the stream lost.
+		return fmt.Errorf("cache: refetch shard %d: %w", shard, ctx.Err())
+	case errors.Is(err, worker.ErrShardNotInStream):
+		return fmt.Errorf("cache: refetch shard %d: the stream no longer holds its records (%v); recompute it by deleting %s from the run's bucket", shard, err, protocol.DoneKey(protocol.PhaseCache, shard))
 	}
+	return fmt.Errorf("cache: refetch shard %d: %w", shard, err)
 }
 
 // store writes an assembled shard's file, adds it to the manifest and records it done,
@@ -336,11 +351,12 @@ func (w *Writer) store(ctx context.Context, a *worker.Assembled) error {
 		for _, m := range a.Acks {
 			_ = m.Term()
 		}
+		w.requestRedo(ctx, w.o.Names.DoneSubject(string(protocol.PhaseCache), a.Shard), err, "")
 		return nil
 	}
-	var marker coordinator.DoneMarker
+	var marker protocol.DoneMarker
 	_ = json.Unmarshal(a.Done, &marker)
-	name := fmt.Sprintf("shard-%06d.arrow", a.Shard)
+	name := ShardFileName(a.Shard)
 	fi, err := shards.WriteShardFile(filepath.Join(w.o.Dir, name), w.meta, rows, w.o.Compression)
 	if err != nil {
 		return err
@@ -351,10 +367,12 @@ func (w *Writer) store(ctx context.Context, a *worker.Assembled) error {
 	if err == nil {
 		err = w.manifest.Save(filepath.Join(w.o.Dir, ManifestFile))
 	}
+	listed := len(w.manifest.Shards)
 	w.mu.Unlock()
 	if err != nil {
 		return err
 	}
+	w.o.Metrics.ShardWritten(fi.Bytes, entry.Tokens, listed)
 	if err := w.recordDone(ctx, entry, marker.Teacher); err != nil {
 		return err
 	}
@@ -366,7 +384,7 @@ func (w *Writer) store(ctx context.Context, a *worker.Assembled) error {
 }
 
 func (w *Writer) recordDone(ctx context.Context, e shards.ManifestEntry, source ...string) error {
-	d := coordinator.ShardDone{Phase: coordinator.PhaseCache, Shard: e.Shard, Rows: e.Rows, Tokens: int64(e.Tokens),
+	d := protocol.ShardDone{Phase: protocol.PhaseCache, Shard: e.Shard, Rows: e.Rows, Tokens: int64(e.Tokens),
 		Bytes: e.Bytes, SHA256: e.SHA256, File: filepath.Join(w.o.Dir, e.File)}
 	if len(source) > 0 {
 		d.Source = source[0]
@@ -376,7 +394,7 @@ func (w *Writer) recordDone(ctx context.Context, e shards.ManifestEntry, source 
 	wait := 100 * time.Millisecond
 	for {
 		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		_, err := w.kv.Put(pctx, coordinator.DoneKey(coordinator.PhaseCache, e.Shard), b)
+		_, err := w.kv.Put(pctx, protocol.DoneKey(protocol.PhaseCache, e.Shard), b)
 		cancel()
 		if err == nil {
 			return nil
@@ -395,7 +413,7 @@ func (w *Writer) recordDone(ctx context.Context, e shards.ManifestEntry, source 
 }
 
 // checkCoverage verifies that rows hold exactly the shard's windows, each whole.
-func checkCoverage(spec coordinator.Shard, rows []shards.Chunk) error {
+func checkCoverage(spec protocol.Shard, rows []shards.Chunk) error {
 	tokens := map[int]int{}
 	for _, r := range rows {
 		if r.Window < spec.First || r.Window >= spec.First+spec.Windows {
@@ -407,4 +425,36 @@ func checkCoverage(spec coordinator.Shard, rows []shards.Chunk) error {
 		return fmt.Errorf("%d windows, want %d", len(tokens), spec.Windows)
 	}
 	return nil
+}
+
+// ShardFileName is the name of shard's file in the cache directory (the manifest's file).
+func ShardFileName(shard int) string { return fmt.Sprintf("shard-%06d.arrow", shard) }
+
+// requestRedo asks the coordinator to recompute the shard of a rejected message (KV
+// protocol.RedoKey): the real record the rejected one may stand in for (junk published
+// under its message id makes the stream drop it as a duplicate) would otherwise never come,
+// and the shard would never complete. Asked at most every 5 s per shard; a shard already
+// recorded done is left alone.
+func (w *Writer) requestRedo(ctx context.Context, subject string, reason error, claimed string) {
+	k, err := w.o.Names.ParseDataSubject(subject)
+	if err != nil || k.Phase != string(protocol.PhaseCache) {
+		return
+	}
+	if _, err := w.kv.Get(ctx, protocol.DoneKey(protocol.PhaseCache, k.Shard)); err == nil {
+		return
+	}
+	if w.redone == nil {
+		w.redone = map[int]time.Time{}
+	}
+	if t, ok := w.redone[k.Shard]; ok && time.Since(t) < 5*time.Second {
+		return
+	}
+	w.redone[k.Shard] = time.Now()
+	b, _ := json.Marshal(protocol.Redo{Phase: protocol.PhaseCache, Shard: k.Shard, Subject: subject,
+		Reason: reason.Error(), ClaimedPublisher: claimed})
+	if _, err := w.kv.Put(ctx, protocol.RedoKey(protocol.PhaseCache, k.Shard), b); err != nil {
+		w.log.Warn("asking for the shard to be recomputed failed", "shard", k.Shard, "err", err)
+		return
+	}
+	w.log.Warn("asked for the shard to be recomputed under fresh message ids", "shard", k.Shard, "claimed_publisher", claimed)
 }

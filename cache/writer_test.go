@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"log/slog"
 	"math/rand/v2"
 	"os"
@@ -16,9 +17,10 @@ import (
 	"github.com/apache/arrow/go/v17/arrow"
 	"github.com/apache/arrow/go/v17/arrow/array"
 	"github.com/apache/arrow/go/v17/arrow/ipc"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"linearpatch/coordinator"
+	"linearpatch/protocol"
 	"linearpatch/shards"
 	"linearpatch/worker"
 )
@@ -49,7 +51,7 @@ type harness struct {
 	t     *testing.T
 	js    jetstream.JetStream
 	names worker.Names
-	plan  *coordinator.Plan
+	plan  *protocol.Plan
 	meta  shards.Meta
 	dir   string
 }
@@ -57,7 +59,7 @@ type harness struct {
 func newHarness(t *testing.T) *harness {
 	t.Helper()
 	ctx := context.Background()
-	srv, err := worker.StartEmbedded(ctx, t.TempDir())
+	srv, err := worker.StartEmbedded(ctx, t.TempDir(), worker.WithAllowAnonymous())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,8 +73,8 @@ func newHarness(t *testing.T) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	plan, err := coordinator.NewPlan(coordinator.Settings{Model: "m", Fingerprint: "fp-good", Calib: "c", CalibWindows: 4,
-		Train: "t", SeqLen: testT, NumPrune: 1, Method: "rotate", ShardWindows: 2, TopK: testK, ActDType: "float16", ValidFrac: 0.05}, 4, 4)
+	plan, err := protocol.NewPlan("rwritertest", protocol.Settings{Model: "m", Fingerprint: "fp-good", Calib: "c", CalibSHA256: "c1", CalibWindows: 4,
+		Train: "t", TrainSHA256: "t1", SeqLen: testT, NumPrune: 1, Method: "rotate", ShardWindows: 2, TopK: testK, ActDType: "float16", ValidFrac: 0.05}, 4, 4)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,11 +90,11 @@ func newHarness(t *testing.T) *harness {
 		t.Fatal(err)
 	}
 	pb, _ := json.Marshal(plan)
-	fb, _ := json.Marshal(coordinator.FitResult{Start: 1, End: 2, Method: "rotate"})
-	if _, err := kv.Put(ctx, coordinator.KeyPlan, pb); err != nil {
+	fb, _ := json.Marshal(protocol.FitResult{Start: 1, End: 2, Method: "rotate"})
+	if _, err := kv.Put(ctx, protocol.KeyPlan, pb); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := kv.Put(ctx, coordinator.KeyFit, fb); err != nil {
+	if _, err := kv.Put(ctx, protocol.KeyFit, fb); err != nil {
 		t.Fatal(err)
 	}
 	meta := shards.Meta{SchemaVersion: shards.SchemaVersion, RunID: plan.RunID, Fingerprint: "fp-good", Start: 1, End: 2,
@@ -147,7 +149,7 @@ func (h *harness) publishChunk(meta shards.Meta, c shards.Chunk, id string) {
 
 func (h *harness) publishDone(shard, messages int) {
 	key := worker.DataKey{Run: h.names.Run(), Phase: "cache", Shard: shard, Done: true}
-	b, _ := json.Marshal(coordinator.DoneMarker{Phase: coordinator.PhaseCache, Shard: shard, Messages: messages, Teacher: "test"})
+	b, _ := json.Marshal(protocol.DoneMarker{Phase: protocol.PhaseCache, Shard: shard, Messages: messages, Teacher: "test"})
 	h.publish(key.Subject(), worker.MsgID(key), b)
 }
 
@@ -204,7 +206,7 @@ func (h *harness) writeOneShard(rng *rand.Rand) shards.ManifestEntry {
 	}
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		if _, err := kv.Get(ctx, coordinator.DoneKey(coordinator.PhaseCache, 0)); err == nil {
+		if _, err := kv.Get(ctx, protocol.DoneKey(protocol.PhaseCache, 0)); err == nil {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -331,6 +333,9 @@ func TestWriterRebuildsCorruptFile(t *testing.T) {
 			if !strings.Contains(logs.String(), "fails verification") {
 				t.Errorf("the rebuild was not logged:\n%s", logs.String())
 			}
+			if l := logs.String(); strings.Contains(l, "err=<nil>") || !strings.Contains(l, "checksum mismatch") {
+				t.Errorf("the failed checksum was logged without its reason:\n%s", l)
+			}
 			return
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -359,5 +364,65 @@ func TestWriterRebuildsShardsMissingHere(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "not in this cache directory") {
 		t.Errorf("the rebuild was not logged:\n%s", logs.String())
+	}
+}
+
+// TestWriterAsksForRedo: junk under a shard's subject (as if published under a real record's
+// message id, which the stream then refuses to the real record) is rejected at WARN with the
+// publisher it claims, and the writer asks for the shard to be recomputed (KV redo key).
+func TestWriterAsksForRedo(t *testing.T) {
+	h := newHarness(t)
+	logs := h.startWriter()
+	m := nats.NewMsg(h.names.DataSubject("cache", 1, 2, 0))
+	m.Data = []byte("twenty bytes of junk")
+	m.Header.Set(jetstream.MsgIDHeader, worker.MsgID(worker.DataKey{Run: h.names.Run(), Phase: "cache", Shard: 1, Window: 2}))
+	m.Header.Set(worker.PublisherHeader, "evil")
+	if _, err := h.js.PublishMsg(context.Background(), m); err != nil {
+		t.Fatal(err)
+	}
+	kv, err := h.js.KeyValue(context.Background(), h.names.KVBucket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if e, err := kv.Get(context.Background(), protocol.RedoKey(protocol.PhaseCache, 1)); err == nil {
+			var r protocol.Redo
+			if err := json.Unmarshal(e.Value(), &r); err != nil || r.Shard != 1 || r.ClaimedPublisher != "evil" || r.Reason == "" {
+				t.Fatalf("redo request %s (%v)", e.Value(), err)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no redo request; writer log:\n%s", logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !strings.Contains(logs.String(), `level=WARN msg="rejected record"`) || !strings.Contains(logs.String(), "claimed_publisher=evil") {
+		t.Errorf("the rejection is not logged at WARN with its claimed publisher:\n%s", logs.String())
+	}
+}
+
+// TestWriterRefusesOldPlan: a run planned by an older version is refused, naming it.
+func TestWriterRefusesOldPlan(t *testing.T) {
+	h := newHarness(t)
+	old := *h.plan
+	old.Version = 0
+	b, _ := json.Marshal(old)
+	kv, err := h.js.KeyValue(context.Background(), h.names.KVBucket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(context.Background(), protocol.KeyPlan, b); err != nil {
+		t.Fatal(err)
+	}
+	w, err := NewWriter(Options{JS: h.js, Names: h.names, Dir: h.dir, Dim: testDim, Vocab: testVocab})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := w.Run(ctx); !errors.Is(err, protocol.ErrVersion) || !strings.Contains(err.Error(), "version 1") {
+		t.Fatalf("writer on a version-1 run: %v", err)
 	}
 }

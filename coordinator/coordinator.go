@@ -2,6 +2,8 @@ package coordinator
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,15 +18,18 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/sync/errgroup"
 
+	"linearpatch/internal/atomicfile"
+	"linearpatch/metrics"
 	"linearpatch/model/tensor"
 	"linearpatch/patch"
+	"linearpatch/protocol"
 	"linearpatch/shards"
 	"linearpatch/worker"
 )
 
 // Options configure a Coordinator. Plan, NC, JS, Names and RunDir are required.
 type Options struct {
-	Plan   *Plan
+	Plan   *protocol.Plan
 	NC     *nats.Conn
 	JS     jetstream.JetStream
 	Names  worker.Names
@@ -34,8 +39,11 @@ type Options struct {
 	// after caching.
 	Student func(ctx context.Context) error
 	// OnFit, when set, is told the training-free fit (for printing the table).
-	OnFit  func(FitResult)
+	OnFit  func(protocol.FitResult)
 	Logger *slog.Logger
+	// Metrics, when set, receives the run's shard counts, phase, teachers' rates and dead
+	// letters as they change.
+	Metrics *metrics.Coordinator
 }
 
 // Coordinator drives a run: it performs the actions of its Core over JetStream and feeds
@@ -47,10 +55,18 @@ type Coordinator struct {
 	obj  jetstream.ObjectStore
 	log  *slog.Logger
 	meta shards.Meta
-	fit  *FitResult
+	fit  *protocol.FitResult
+
+	redos      map[ShardRef]int  // tasks republished after a rejected record, by shard (main loop only)
+	statsAsked map[int]time.Time // stats shards whose recomputation this coordinator asked for (consumeStats only)
+
+	// afterRestore, when set (tests), runs between the read of the stored state and the
+	// start of the watchers.
+	afterRestore func()
 
 	mu     sync.Mutex
 	status Status
+	began  time.Time // when Run started, for TeacherWarning
 }
 
 // Status is a snapshot of a run's progress, safe to read from any goroutine. The
@@ -58,22 +74,27 @@ type Coordinator struct {
 // `linearpatch status`.
 type Status struct {
 	Run      string                   `json:"run"`
-	Phase    Phase                    `json:"phase"`
-	Done     map[Phase]int            `json:"done"`     // shards complete per phase
-	Leased   map[Phase]int            `json:"leased"`   // shards a teacher reports working on
-	Total    map[Phase]int            `json:"total"`    // shards per phase
+	Phase    protocol.Phase           `json:"phase"`
+	Done     map[protocol.Phase]int   `json:"done"`     // shards complete per phase
+	Leased   map[protocol.Phase]int   `json:"leased"`   // shards a teacher reports working on
+	Total    map[protocol.Phase]int   `json:"total"`    // shards per phase
 	Teachers map[string]TeacherStatus `json:"teachers"` // by teacher name
 	Updated  time.Time                `json:"updated"`
+	// Pending are the shards of each phase that no teacher works on, by id.
+	Pending map[protocol.Phase][]int `json:"pending_shards"`
+	// Warning says why the run makes no progress when it knows ("" otherwise): shards wait
+	// and every teacher is gone, or none ever came (see TeacherWarning).
+	Warning string `json:"warning,omitempty"`
 }
 
 // TeacherStatus is what the coordinator last heard from a teacher.
 type TeacherStatus struct {
-	Phase        Phase     `json:"phase"`
-	Shard        int       `json:"shard"`
-	TokensPerSec float64   `json:"tokens_per_s"`
-	TotalTokens  int64     `json:"total_tokens"`
-	Threads      int       `json:"threads"`
-	LastSeen     time.Time `json:"last_seen"`
+	Phase        protocol.Phase `json:"phase"`
+	Shard        int            `json:"shard"`
+	TokensPerSec float64        `json:"tokens_per_s"`
+	TotalTokens  int64          `json:"total_tokens"`
+	Threads      int            `json:"threads"`
+	LastSeen     time.Time      `json:"last_seen"`
 }
 
 // KeyStatus is the KV key of the coordinator's Status snapshot.
@@ -87,20 +108,26 @@ func (c *Coordinator) Status() Status {
 }
 
 func (c *Coordinator) snapshot() {
-	st := Status{Run: c.o.Plan.RunID, Phase: c.core.Phase(), Done: map[Phase]int{}, Leased: map[Phase]int{}, Total: map[Phase]int{}}
-	for _, ph := range []Phase{PhaseStats, PhaseCache} {
+	st := Status{Run: c.o.Plan.RunID, Phase: c.core.Phase(), Done: map[protocol.Phase]int{}, Leased: map[protocol.Phase]int{}, Total: map[protocol.Phase]int{}}
+	for _, ph := range []protocol.Phase{protocol.PhaseStats, protocol.PhaseCache} {
 		n := c.core.Counts(ph)
 		st.Done[ph], st.Leased[ph] = n[StatusDone], n[StatusLeased]
 		st.Total[ph] = len(c.o.Plan.Shards(ph))
 	}
+	st.Pending = pendingShards(c.core.States())
+	c.o.Metrics.SetPhase(string(st.Phase))
+	for _, ph := range []protocol.Phase{protocol.PhaseStats, protocol.PhaseCache} {
+		c.o.Metrics.SetShards(string(ph), st.Done[ph], st.Leased[ph], len(st.Pending[ph]), st.Total[ph])
+	}
 	c.mu.Lock()
 	st.Teachers = c.status.Teachers
+	st.Warning = c.status.Warning
 	c.status = st
 	c.mu.Unlock()
 }
 
 // noteTeacher records a progress report for the status snapshot.
-func (c *Coordinator) noteTeacher(p Progress) {
+func (c *Coordinator) noteTeacher(p protocol.Progress) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.status.Teachers == nil {
@@ -119,25 +146,20 @@ func (c *Coordinator) publishStatus(ctx context.Context, every time.Duration) er
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
-			st := c.Status()
+			st := c.checkTeachers(time.Now())
 			st.Updated = time.Now()
 			if b, err := json.Marshal(st); err == nil {
 				_, _ = c.kv.Put(ctx, KeyStatus, b)
 			}
+			c.writeStatusFile(st)
 		}
 	}
-}
-
-// StatsMeta is the record metadata of a run's stats phase.
-func StatsMeta(p *Plan, dim, vocab int) shards.Meta {
-	return shards.Meta{SchemaVersion: shards.SchemaVersion, RunID: p.RunID, Fingerprint: p.Settings.Fingerprint,
-		Start: -1, End: -1, Dim: dim, Vocab: vocab, ActDType: shards.Float32}
 }
 
 // New returns a coordinator; dim and vocab are the model's.
 func New(o Options, dim, vocab int) (*Coordinator, error) {
 	if o.Plan == nil || o.NC == nil || o.JS == nil || o.RunDir == "" {
-		return nil, fmt.Errorf("%w: coordinator needs a plan, a connection and a run directory", ErrPlan)
+		return nil, fmt.Errorf("%w: coordinator needs a plan, a connection and a run directory", protocol.ErrPlan)
 	}
 	if o.Lease <= 0 {
 		o.Lease = time.Minute
@@ -146,12 +168,13 @@ func New(o Options, dim, vocab int) (*Coordinator, error) {
 		o.Logger = slog.Default()
 	}
 	return &Coordinator{o: o, log: o.Logger.With("component", "coordinator", "run", o.Plan.RunID),
-		meta: StatsMeta(o.Plan, dim, vocab)}, nil
+		meta: protocol.StatsMeta(o.Plan, dim, vocab)}, nil
 }
 
 // Run drives the run to its end: nil when it finished, an error when it failed or ctx ended.
 func (c *Coordinator) Run(ctx context.Context) error {
 	var err error
+	c.began = time.Now()
 	if c.kv, err = c.o.JS.KeyValue(ctx, c.o.Names.KVBucket()); err != nil {
 		return fmt.Errorf("coordinator: key-value bucket: %w", err)
 	}
@@ -162,7 +185,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	// tasks stream forgets a task once it is acked, and a restarted server has no
 	// duplicate id left to drop a republished one.
 	var marked []ShardRef
-	for _, ph := range []Phase{PhaseStats, PhaseCache} {
+	for _, ph := range []protocol.Phase{protocol.PhaseStats, protocol.PhaseCache} {
 		ids, err := worker.MarkedShards(ctx, c.o.JS, c.o.Names, string(ph))
 		if err != nil {
 			return fmt.Errorf("coordinator: %w", err)
@@ -175,11 +198,19 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if marked, err = c.verifyMarked(ctx, marked, restored, done); err != nil {
+		return err
+	}
+	if c.afterRestore != nil {
+		c.afterRestore()
+	}
 	c.core = NewCore(c.o.Plan, c.o.Lease, c.o.Student != nil)
 	events := make(chan Event, 256)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return c.consumeStats(gctx) })
 	g.Go(func() error { return c.watchDone(gctx, events) })
+	g.Go(func() error { return c.pollDone(gctx, events, donePoll) })
+	g.Go(func() error { return c.watchRedo(gctx, events) })
 	g.Go(func() error { return c.watchProgress(gctx, events) })
 	g.Go(func() error { return c.watchDead(gctx, events) })
 	g.Go(func() error { return c.publishStatus(gctx, 2*time.Second) })
@@ -211,6 +242,12 @@ func (c *Coordinator) Run(ctx context.Context) error {
 				if f, ok := ev.(evFailed); ok {
 					return fmt.Errorf("coordinator: student: %w", f.err)
 				}
+				if r, ok := ev.(evRedo); ok {
+					if err := c.redo(gctx, r.Redo); err != nil {
+						return err
+					}
+					continue
+				}
 				more, err := c.perform(gctx, c.core.Step(ev), events)
 				c.snapshot()
 				if err != nil {
@@ -235,6 +272,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		_, _ = c.kv.Put(pctx, KeyStatus, b)
 		cancel()
 	}
+	c.writeStatusFile(final)
 	if errors.Is(err, errFinished) {
 		return nil
 	}
@@ -242,6 +280,46 @@ func (c *Coordinator) Run(ctx context.Context) error {
 }
 
 var errFinished = errors.New("coordinator: finished")
+
+// verifyMarked keeps, of the marked shards that are not done, those whose records the data
+// stream holds as many of as their done marker counts. A marker stored without all its
+// records (a server that lost messages it had acknowledged, or a record republished after
+// its marker and lost with the process) would otherwise keep the shard's task from being
+// published again once the task was gone: the shard would wait forever. Its task is
+// published again instead, and a teacher recomputes it (a teacher computes a shard whose
+// records it does not all find). One stream request per marked shard not done.
+func (c *Coordinator) verifyMarked(ctx context.Context, marked []ShardRef, restored []ShardState, done []Event) ([]ShardRef, error) {
+	isDone := map[ShardRef]bool{}
+	for _, s := range restored {
+		if s.Status == StatusDone {
+			isDone[ShardRef{Phase: s.Phase, ID: s.ID}] = true
+		}
+	}
+	for _, ev := range done {
+		if d, ok := ev.(EvShardDone); ok {
+			isDone[ShardRef{Phase: d.Phase, ID: d.Shard}] = true
+		}
+	}
+	var out []ShardRef
+	for _, m := range marked {
+		if isDone[m] {
+			out = append(out, m)
+			continue
+		}
+		b, records, err := worker.StoredShard(ctx, c.o.JS, c.o.Names, string(m.Phase), m.ID)
+		if err != nil {
+			return nil, fmt.Errorf("coordinator: %w", err)
+		}
+		var marker protocol.DoneMarker
+		if b == nil || json.Unmarshal(b, &marker) != nil || marker.Messages != records {
+			c.log.Warn("the done marker of a shard is in the data stream, but not all of its records: publishing its task again",
+				"phase", m.Phase, "shard", m.ID, "records", records, "marker_counts", marker.Messages)
+			continue
+		}
+		out = append(out, m)
+	}
+	return out, nil
+}
 
 // restore reads the persisted shard states and the completions recorded since.
 func (c *Coordinator) restore(ctx context.Context) ([]ShardState, []Event, error) {
@@ -260,15 +338,15 @@ func (c *Coordinator) restore(ctx context.Context) ([]ShardState, []Event, error
 			}
 			states = append(states, s)
 		case strings.HasPrefix(k, "done."):
-			var d ShardDone
+			var d protocol.ShardDone
 			if err := c.getJSON(ctx, k, &d); err != nil {
 				return nil, nil, err
 			}
-			done = append(done, d.event())
+			done = append(done, shardDoneEvent(d))
 		}
 	}
-	if v, err := c.kv.Get(ctx, KeyFit); err == nil {
-		var f FitResult
+	if v, err := c.kv.Get(ctx, protocol.KeyFit); err == nil {
+		var f protocol.FitResult
 		if err := json.Unmarshal(v.Value(), &f); err != nil {
 			return nil, nil, fmt.Errorf("coordinator: stored fit: %w", err)
 		}
@@ -277,7 +355,7 @@ func (c *Coordinator) restore(ctx context.Context) ([]ShardState, []Event, error
 	return states, done, nil
 }
 
-func (d ShardDone) event() EvShardDone {
+func shardDoneEvent(d protocol.ShardDone) EvShardDone {
 	return EvShardDone{Phase: d.Phase, Shard: d.Shard, Rows: d.Rows, Tokens: d.Tokens, Bytes: d.Bytes, SHA256: d.SHA256, File: d.File, Source: d.Source}
 }
 
@@ -335,7 +413,7 @@ func (c *Coordinator) perform(ctx context.Context, acts []Action, events chan<- 
 				}
 			}
 		case ActPersistPhase:
-			if err := c.put(ctx, KeyPhase, []byte(a.Phase)); err != nil {
+			if err := c.put(ctx, protocol.KeyPhase, []byte(a.Phase)); err != nil {
 				return nil, err
 			}
 			c.log.Info("phase", "phase", a.Phase)
@@ -351,9 +429,8 @@ func (c *Coordinator) perform(ctx context.Context, acts []Action, events chan<- 
 		case ActStartStudent:
 			go func() {
 				if err := c.o.Student(ctx); err != nil {
-					if ctx.Err() == nil {
-						c.log.Error("student failed", "err", err)
-					}
+					// Not logged here: Run returns the error, and its caller reports it
+					// (logging it too printed every student failure twice).
 					select {
 					case events <- evFailed{err: err}:
 					case <-ctx.Done():
@@ -382,15 +459,15 @@ func (evFailed) isEvent() {}
 
 func (c *Coordinator) publishTasks(ctx context.Context, a ActPublishTasks) error {
 	for _, s := range a.Shards {
-		t := Task{Phase: a.Phase, Shard: s.ID, Split: s.Split, First: s.First, Windows: s.Windows}
-		if a.Phase == PhaseCache {
+		t := protocol.Task{Phase: a.Phase, Shard: s.ID, Split: s.Split, First: s.First, Windows: s.Windows}
+		if a.Phase == protocol.PhaseCache {
 			if c.fit == nil {
 				return fmt.Errorf("coordinator: cache tasks before the fit")
 			}
 			t.Start, t.End = c.fit.Start, c.fit.End
 		}
 		b, _ := json.Marshal(t)
-		if err := worker.PublishTask(ctx, c.o.JS, c.o.Names, string(a.Phase), TaskID(a.Phase, s.ID), b); err != nil {
+		if err := worker.PublishTask(ctx, c.o.JS, c.o.Names, string(a.Phase), protocol.TaskID(a.Phase, s.ID), b); err != nil {
 			return err
 		}
 	}
@@ -409,23 +486,29 @@ func (c *Coordinator) consumeStats(ctx context.Context) error {
 	if err := os.MkdirAll(filepath.Join(c.o.RunDir, "stats"), 0o755); err != nil {
 		return fmt.Errorf("coordinator: %w", err)
 	}
-	asm := worker.NewAssembler(c.o.Names, string(PhaseStats))
+	asm := worker.NewAssembler(c.o.Names, string(protocol.PhaseStats))
 	for _, s := range c.o.Plan.Stats {
-		if _, err := os.Stat(c.statsPath(s.ID)); err == nil {
+		kept, err := c.statsKept(ctx, s.ID)
+		if err != nil {
+			return err
+		}
+		if kept {
 			asm.MarkComplete(s.ID)
 		}
 	}
-	return worker.Consume(ctx, c.o.JS, c.o.Names, "coordinator-stats", c.o.Names.DataFilter(string(PhaseStats)),
+	return worker.Consume(ctx, c.o.JS, c.o.Names, "coordinator-stats", c.o.Names.DataFilter(string(protocol.PhaseStats)),
 		func(ctx context.Context, m worker.Msg) error {
 			if !strings.HasSuffix(m.Subject, ".done") {
 				if _, _, err := shards.MessageMeta(m.Data); err != nil {
-					c.log.Warn("rejected stats record", "subject", m.Subject, "reason", err)
+					c.log.Warn("rejected stats record", "subject", m.Subject, "claimed_publisher", worker.ClaimedPublisher(m.Header), "reason", err)
+					c.askRedo(ctx, m.Subject, err, worker.ClaimedPublisher(m.Header))
 					return m.Term()
 				}
 			}
 			outcome, shard, err := asm.Add(m)
 			if err != nil {
-				c.log.Warn("rejected stats message", "subject", m.Subject, "reason", err)
+				c.log.Warn("rejected stats message", "subject", m.Subject, "claimed_publisher", worker.ClaimedPublisher(m.Header), "reason", err)
+				c.askRedo(ctx, m.Subject, err, worker.ClaimedPublisher(m.Header))
 				return m.Term()
 			}
 			switch outcome {
@@ -438,8 +521,50 @@ func (c *Coordinator) consumeStats(ctx context.Context) error {
 		}, worker.WithConsumeMaxDeliver(-1), worker.WithSoleClient(), worker.WithConsumeLogger(c.log)) // one coordinator per run
 }
 
+// statsKept says whether the stats file of a shard is in the run directory and recorded
+// done. A file written by a coordinator that stopped before recording it (killed between
+// the two) is verified and recorded now: its records, acked as stale once the shard counts
+// as complete here, would otherwise never record it, and the stats phase would wait for it
+// forever. A file that does not verify is removed, and the shard rebuilt from the stream.
+func (c *Coordinator) statsKept(ctx context.Context, shard int) (bool, error) {
+	path := c.statsPath(shard)
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("coordinator: %w", err)
+	}
+	if _, err := c.kv.Get(ctx, protocol.DoneKey(protocol.PhaseStats, shard)); err == nil {
+		return true, nil
+	} else if !errors.Is(err, jetstream.ErrKeyNotFound) {
+		return false, fmt.Errorf("coordinator: read %s: %w", protocol.DoneKey(protocol.PhaseStats, shard), err)
+	}
+	var st patch.Stats
+	err = json.Unmarshal(b, &st)
+	if err == nil {
+		err = st.Validate()
+	}
+	if err == nil {
+		err = c.checkStatsShard(shard, &st)
+	}
+	if err != nil {
+		c.log.Warn("stats file of a shard not recorded done does not verify; rebuilding it from the stream", "shard", shard, "file", path, "err", err)
+		if err := os.Remove(path); err != nil {
+			return false, fmt.Errorf("coordinator: %w", err)
+		}
+		return false, nil
+	}
+	c.log.Info("stats file written before a restart but not recorded done: recording it now", "shard", shard, "file", path)
+	done := protocol.ShardDone{Phase: protocol.PhaseStats, Shard: shard, Rows: len(st.Windows), Tokens: st.Tokens(), Bytes: int64(len(b)), File: path}
+	if err := c.putJSON(ctx, protocol.DoneKey(protocol.PhaseStats, shard), done); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
 func (c *Coordinator) storeStats(ctx context.Context, a *worker.Assembled) error {
-	var marker DoneMarker
+	var marker protocol.DoneMarker
 	_ = json.Unmarshal(a.Done, &marker)
 	msgs := make([][]byte, len(a.Parts))
 	for i, p := range a.Parts {
@@ -455,6 +580,7 @@ func (c *Coordinator) storeStats(ctx context.Context, a *worker.Assembled) error
 		for _, m := range a.Acks {
 			_ = m.Term()
 		}
+		c.askRedo(ctx, c.o.Names.DoneSubject(string(protocol.PhaseStats), a.Shard), err, "")
 		return nil
 	}
 	b, err := json.Marshal(st)
@@ -462,12 +588,12 @@ func (c *Coordinator) storeStats(ctx context.Context, a *worker.Assembled) error
 		return err
 	}
 	path := c.statsPath(a.Shard)
-	if err := writeFileAtomic(path, b); err != nil {
+	if err := atomicfile.Write(path, b, 0o644); err != nil {
 		return err
 	}
-	done := ShardDone{Phase: PhaseStats, Shard: a.Shard, Rows: len(st.Windows), Tokens: st.Tokens(),
+	done := protocol.ShardDone{Phase: protocol.PhaseStats, Shard: a.Shard, Rows: len(st.Windows), Tokens: st.Tokens(),
 		Bytes: int64(len(b)), File: path, Source: marker.Teacher}
-	if err := c.putJSON(ctx, DoneKey(PhaseStats, a.Shard), done); err != nil {
+	if err := c.putJSON(ctx, protocol.DoneKey(protocol.PhaseStats, a.Shard), done); err != nil {
 		return err
 	}
 	for _, m := range a.Acks {
@@ -495,7 +621,7 @@ func (c *Coordinator) checkStatsShard(shard int, st *patch.Stats) error {
 }
 
 // LoadStats merges the stats shards of a run directory in plan order.
-func LoadStats(runDir string, p *Plan) (*patch.Stats, error) {
+func LoadStats(runDir string, p *protocol.Plan) (*patch.Stats, error) {
 	var merged *patch.Stats
 	for _, s := range p.Stats {
 		b, err := os.ReadFile(filepath.Join(runDir, "stats", fmt.Sprintf("shard-%06d.json", s.ID)))
@@ -524,19 +650,19 @@ func LoadStats(runDir string, p *Plan) (*patch.Stats, error) {
 // stores it (idempotent: a stored fit is reused after a restart).
 func (c *Coordinator) fitPatch(ctx context.Context) error {
 	if c.fit != nil {
-		if _, err := os.Stat(filepath.Join(c.o.RunDir, FitFile)); err != nil {
+		if _, err := os.Stat(filepath.Join(c.o.RunDir, protocol.FitFile)); err != nil {
 			// Restarted with a fit in the bucket but not in the run directory.
 			var P []float32
 			if c.fit.HasP {
-				b, err := c.obj.GetBytes(ctx, ObjPatch0)
+				b, _, err := worker.GetObject(ctx, c.obj, protocol.ObjPatch0)
 				if err != nil {
 					return fmt.Errorf("coordinator: stored patch: %w", err)
 				}
-				if P, err = DecodeFloat32s(b); err != nil {
+				if P, err = protocol.DecodeFloat32s(b); err != nil {
 					return err
 				}
 			}
-			if err := WriteFit(c.o.RunDir, *c.fit, P); err != nil {
+			if err := protocol.WriteFit(c.o.RunDir, *c.fit, P); err != nil {
 				return err
 			}
 		}
@@ -555,7 +681,7 @@ func (c *Coordinator) fitPatch(ctx context.Context) error {
 		return err
 	}
 	if P != nil {
-		if _, err := c.obj.PutBytes(ctx, ObjPatch0, EncodeFloat32s(P.Data)); err != nil {
+		if _, err := c.obj.PutBytes(ctx, protocol.ObjPatch0, protocol.EncodeFloat32s(P.Data)); err != nil {
 			return fmt.Errorf("coordinator: store patch: %w", err)
 		}
 	}
@@ -563,10 +689,10 @@ func (c *Coordinator) fitPatch(ctx context.Context) error {
 	if P != nil {
 		pData = P.Data
 	}
-	if err := WriteFit(c.o.RunDir, res, pData); err != nil {
+	if err := protocol.WriteFit(c.o.RunDir, res, pData); err != nil {
 		return err
 	}
-	if err := c.putJSON(ctx, KeyFit, res); err != nil {
+	if err := c.putJSON(ctx, protocol.KeyFit, res); err != nil {
 		return err
 	}
 	c.fit = &res
@@ -579,30 +705,87 @@ func (c *Coordinator) fitPatch(ctx context.Context) error {
 
 // FitStats selects the block and fits the patch of settings s from merged statistics.
 // The method "all" is not a single patch and is refused.
-func FitStats(st *patch.Stats, s Settings) (FitResult, *tensor.Matrix, error) {
+func FitStats(st *patch.Stats, s protocol.Settings) (protocol.FitResult, *tensor.Matrix, error) {
 	cos := st.Cosine()
 	start, err := patch.Select(cos, st.Layers, s.NumPrune, s.AllowEdges)
 	if err != nil {
-		return FitResult{}, nil, err
+		return protocol.FitResult{}, nil, err
 	}
 	var h *patch.Hadamard
 	if patch.Method(s.Method) == patch.MethodRotate {
 		if h, err = patch.NewHadamard(st.Dim); err != nil {
-			return FitResult{}, nil, err
+			return protocol.FitResult{}, nil, err
 		}
 	}
 	P, scale, err := patch.Fit(st, h, start, patch.Method(s.Method), s.Ridge)
 	if err != nil {
-		return FitResult{}, nil, err
+		return protocol.FitResult{}, nil, err
 	}
-	return FitResult{Start: start, End: start + s.NumPrune, Method: s.Method, Cosine: cos, Scale: scale,
+	return protocol.FitResult{Start: start, End: start + s.NumPrune, Method: s.Method, Cosine: cos, Scale: scale,
 		Tokens: st.Tokens(), HasP: P != nil}, P, nil
 }
 
+// watchDone feeds every completion record in the bucket to the main loop: those already
+// stored when it starts, then each new one. Not only the updates: a record written after
+// restore listed the bucket and before this watch started (a resumed cache writer
+// re-records the shards of its manifest at once) would otherwise never reach the core, and
+// the run would wait for that shard forever (a resumed run stalled at done=21 of 22 that
+// way). The core ignores the completions it already has.
 func (c *Coordinator) watchDone(ctx context.Context, events chan<- Event) error {
-	w, err := c.kv.Watch(ctx, "done.>", jetstream.UpdatesOnly())
+	return watchKV(ctx, c, events, "done.>", "completion records", func(d protocol.ShardDone) Event { return shardDoneEvent(d) })
+}
+
+// donePoll is how often the coordinator lists the completion records besides watching
+// them.
+const donePoll = 10 * time.Second
+
+// pollDone lists the bucket's completion records every poll and feeds those it has not fed
+// before to the main loop, until ctx ends. It backs watchDone: a KV watch is an ordered
+// consumer, and after the loss of the bucket's leader node in a cluster one stopped
+// delivering (TestJetStreamCluster/kill-kv-leader: the run waited for completions already
+// recorded). Each listing is a fresh request with a deadline; a failed one is retried at
+// the next poll. The core ignores a completion fed twice.
+func (c *Coordinator) pollDone(ctx context.Context, events chan<- Event, poll time.Duration) error {
+	fed := map[string]bool{}
+	for {
+		if err := worker.SleepCtx(ctx, poll); err != nil {
+			return nil
+		}
+		lctx, cancel := context.WithTimeout(ctx, poll)
+		var keys []string
+		lister, err := c.kv.ListKeysFiltered(lctx, "done.>")
+		if err == nil {
+			for k := range lister.Keys() {
+				if !fed[k] {
+					keys = append(keys, k)
+				}
+			}
+		}
+		for _, k := range keys {
+			var d protocol.ShardDone
+			if err := c.getJSON(lctx, k, &d); err != nil {
+				continue
+			}
+			fed[k] = true
+			select {
+			case events <- shardDoneEvent(d):
+			case <-ctx.Done():
+				cancel()
+				return nil
+			}
+		}
+		cancel()
+	}
+}
+
+// watchKV feeds the JSON records put under the bucket keys matching pattern to the main
+// loop as events, until ctx ends; a record that does not decode is logged (as a bad what)
+// and skipped.
+func watchKV[T any](ctx context.Context, c *Coordinator, events chan<- Event, pattern, what string,
+	event func(T) Event, opts ...jetstream.WatchOpt) error {
+	w, err := c.kv.Watch(ctx, pattern, opts...)
 	if err != nil {
-		return fmt.Errorf("coordinator: watch completions: %w", err)
+		return fmt.Errorf("coordinator: watch %s: %w", what, err)
 	}
 	defer w.Stop()
 	for {
@@ -616,13 +799,13 @@ func (c *Coordinator) watchDone(ctx context.Context, events chan<- Event) error 
 			if e == nil || e.Operation() != jetstream.KeyValuePut {
 				continue
 			}
-			var d ShardDone
-			if err := json.Unmarshal(e.Value(), &d); err != nil {
-				c.log.Warn("bad completion record", "key", e.Key(), "err", err)
+			var rec T
+			if err := json.Unmarshal(e.Value(), &rec); err != nil {
+				c.log.Warn("bad "+what, "key", e.Key(), "err", err)
 				continue
 			}
 			select {
-			case events <- d.event():
+			case events <- event(rec):
 			case <-ctx.Done():
 				return nil
 			}
@@ -632,7 +815,7 @@ func (c *Coordinator) watchDone(ctx context.Context, events chan<- Event) error 
 
 func (c *Coordinator) watchProgress(ctx context.Context, events chan<- Event) error {
 	ch := make(chan *nats.Msg, 64)
-	sub, err := c.o.NC.ChanSubscribe(ProgressSubject(c.o.Plan.RunID), ch)
+	sub, err := c.o.NC.ChanSubscribe(protocol.ProgressSubject(c.o.Plan.RunID), ch)
 	if err != nil {
 		return fmt.Errorf("coordinator: progress: %w", err)
 	}
@@ -642,11 +825,12 @@ func (c *Coordinator) watchProgress(ctx context.Context, events chan<- Event) er
 		case <-ctx.Done():
 			return nil
 		case m := <-ch:
-			var p Progress
+			var p protocol.Progress
 			if json.Unmarshal(m.Data, &p) != nil {
 				continue
 			}
 			c.noteTeacher(p)
+			c.o.Metrics.Teacher(p.Teacher, p.TokensPerSec, p.TotalTokens)
 			select {
 			case events <- EvProgress{Phase: p.Phase, Shard: p.Shard, Teacher: p.Teacher, Tokens: p.Tokens, Now: time.Now()}:
 			default: // progress is advisory; never block on it
@@ -658,117 +842,142 @@ func (c *Coordinator) watchProgress(ctx context.Context, events chan<- Event) er
 func (c *Coordinator) watchDead(ctx context.Context, events chan<- Event) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
-		return worker.WatchDeadLetters(ctx, c.o.JS, c.o.Names, TeacherConsumer, nil, c.log)
+		return worker.WatchDeadLetters(ctx, c.o.JS, c.o.Names, protocol.TeacherConsumer, nil, c.log)
 	})
 	g.Go(func() error {
-		cons, err := c.o.JS.OrderedConsumer(ctx, c.o.Names.DeadStream(), jetstream.OrderedConsumerConfig{})
-		if err != nil {
-			return fmt.Errorf("coordinator: dead letters: %w", err)
-		}
-		for ctx.Err() == nil {
-			m, err := cons.Next(jetstream.FetchMaxWait(time.Second))
-			if err != nil {
-				continue
-			}
+		return c.readDeadStream(ctx, time.Second, func(data []byte) {
 			var d worker.DeadLetter
-			var t Task
-			if json.Unmarshal(m.Data(), &d) != nil || json.Unmarshal(d.Payload, &t) != nil {
-				continue
+			var t protocol.Task
+			if json.Unmarshal(data, &d) != nil || json.Unmarshal(d.Payload, &t) != nil {
+				return
 			}
+			c.o.Metrics.DeadLetter(string(t.Phase))
 			select {
 			case events <- EvShardDead{Phase: t.Phase, Shard: t.Shard, Reason: d.Error}:
 			case <-ctx.Done():
 			}
-		}
-		return nil
+		})
 	})
 	return g.Wait()
 }
 
-// TeacherConsumer is the durable name of the teachers' shared task consumer.
-const TeacherConsumer = "teachers"
-
-// ProgressSubject is the core-NATS subject of teachers' progress reports.
-func ProgressSubject(run string) string { return "lp." + run + ".progress" }
-
-func writeFileAtomic(path string, data []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-	}
-	return err
-}
-
-// Files of the run directory that make it self-contained for the offline student.
-const (
-	PlanFile   = "plan.json"  // the Plan
-	FitFile    = "fit.json"   // the FitResult
-	Patch0File = "patch0.f32" // the training-free patch, d×d float32 little-endian (absent for none)
-)
-
-// WritePlan writes plan.json into the run directory.
-func WritePlan(runDir string, p *Plan) error {
-	b, err := json.MarshalIndent(p, "", "  ")
-	if err != nil {
-		return err
-	}
-	return writeFileAtomic(filepath.Join(runDir, PlanFile), b)
-}
-
-// WriteFit writes fit.json and, when P is non-nil, patch0.f32 into the run directory.
-func WriteFit(runDir string, f FitResult, P []float32) error {
-	if P != nil {
-		if err := writeFileAtomic(filepath.Join(runDir, Patch0File), EncodeFloat32s(P)); err != nil {
-			return err
+// readDeadStream hands every record of the dead-letter stream, in order, to fn until ctx
+// ends, looking for new ones every poll. It reads by sequence with requests bound to ctx,
+// not with an ordered consumer: an ordered consumer's Next retries the re-creation of its
+// consumer, holding a lock and ignoring every context, for as long as that fails — after a
+// cluster node's loss it was seen to block for minutes and with it the coordinator's exit
+// (TestJetStreamCluster). Failed requests (a server restarting, a leader election) are
+// retried at the next poll.
+func (c *Coordinator) readDeadStream(ctx context.Context, poll time.Duration, fn func([]byte)) error {
+	next := uint64(1)
+	var stream jetstream.Stream
+	for {
+		if stream == nil {
+			if s, err := c.o.JS.Stream(ctx, c.o.Names.DeadStream()); err == nil {
+				stream = s
+			}
+		}
+		if stream != nil {
+			if info, err := stream.Info(ctx); err == nil {
+				if first := info.State.FirstSeq; first > next {
+					next = first // records removed from the stream cannot be read any more
+				}
+				for ; next <= info.State.LastSeq && ctx.Err() == nil; next++ {
+					m, err := stream.GetMsg(ctx, next)
+					if errors.Is(err, jetstream.ErrMsgNotFound) {
+						continue // deleted
+					}
+					if err != nil {
+						break // retried at the next poll
+					}
+					fn(m.Data)
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(poll):
 		}
 	}
-	b, err := json.MarshalIndent(f, "", "  ")
-	if err != nil {
-		return err
-	}
-	return writeFileAtomic(filepath.Join(runDir, FitFile), b)
 }
 
-// ReadRunDir reads the plan, the fit and the training-free patch (nil for none) of a run
-// directory, as the offline student needs them.
-func ReadRunDir(runDir string) (*Plan, *FitResult, []float32, error) {
-	var p Plan
-	var f FitResult
-	for _, x := range []struct {
-		name string
-		v    any
-	}{{PlanFile, &p}, {FitFile, &f}} {
-		b, err := os.ReadFile(filepath.Join(runDir, x.name))
-		if err != nil {
-			return nil, nil, nil, fmt.Errorf("coordinator: run directory %s: %w (has its stats phase finished?)", runDir, err)
+// MaxRedos is how many times a shard is recomputed after rejected records before the run
+// fails (a publisher that keeps sending junk for it, or a teacher that cannot compute it).
+const MaxRedos = 5
+
+// evRedo carries a recomputation request (KV protocol.RedoKey) to the main loop, which republishes
+// the shard's task (it never reaches the core: the shard simply stays pending).
+type evRedo struct{ protocol.Redo }
+
+func (evRedo) isEvent() {}
+
+// watchRedo feeds the recomputation requests in the bucket, those written before this
+// coordinator started included, to the main loop.
+func (c *Coordinator) watchRedo(ctx context.Context, events chan<- Event) error {
+	return watchKV(ctx, c, events, "redo.>", "recomputation requests", func(r protocol.Redo) Event { return evRedo{r} })
+}
+
+// redo republishes the task of a shard one of whose records was rejected, with a fresh
+// attempt nonce (so a fresh task id and fresh record ids: records squatted under the old
+// ids no longer matter), unless the shard is done meanwhile. It fails the run once a shard
+// has been recomputed MaxRedos times.
+func (c *Coordinator) redo(ctx context.Context, r protocol.Redo) error {
+	key := protocol.RedoKey(r.Phase, r.Shard)
+	shards := c.o.Plan.Shards(r.Phase)
+	if r.Shard < 0 || r.Shard >= len(shards) {
+		c.log.Warn("recomputation request for a shard the plan does not have", "phase", r.Phase, "shard", r.Shard)
+		return c.kv.Delete(ctx, key)
+	}
+	if _, err := c.kv.Get(ctx, protocol.DoneKey(r.Phase, r.Shard)); err == nil {
+		return c.kv.Delete(ctx, key)
+	}
+	ref := ShardRef{Phase: r.Phase, ID: r.Shard}
+	if c.redos == nil {
+		c.redos = map[ShardRef]int{}
+	}
+	if c.redos[ref] >= MaxRedos {
+		return fmt.Errorf("coordinator: shard %d of phase %s: a record was rejected after %d recomputations (last: %s, claimed publisher %s)",
+			r.Shard, r.Phase, MaxRedos, r.Reason, r.ClaimedPublisher)
+	}
+	c.redos[ref]++
+	s := shards[r.Shard]
+	var nonce [8]byte
+	if _, err := rand.Read(nonce[:]); err != nil {
+		return fmt.Errorf("coordinator: %w", err)
+	}
+	t := protocol.Task{Phase: r.Phase, Shard: s.ID, Split: s.Split, First: s.First, Windows: s.Windows, Attempt: hex.EncodeToString(nonce[:])}
+	if r.Phase == protocol.PhaseCache {
+		if c.fit == nil {
+			return fmt.Errorf("coordinator: cache task before the fit")
 		}
-		if err := json.Unmarshal(b, x.v); err != nil {
-			return nil, nil, nil, fmt.Errorf("coordinator: %s: %w", filepath.Join(runDir, x.name), err)
-		}
+		t.Start, t.End = c.fit.Start, c.fit.End
 	}
-	if !f.HasP {
-		return &p, &f, nil, nil
+	b, _ := json.Marshal(t)
+	if err := worker.PublishTask(ctx, c.o.JS, c.o.Names, string(r.Phase), protocol.TaskID(r.Phase, s.ID)+"-"+t.Attempt, b); err != nil {
+		return err
 	}
-	b, err := os.ReadFile(filepath.Join(runDir, Patch0File))
-	if err != nil {
-		return nil, nil, nil, fmt.Errorf("coordinator: %w", err)
+	c.log.Warn("a record of the shard was rejected; recomputing it under fresh message ids", "phase", r.Phase, "shard", r.Shard,
+		"attempt", t.Attempt, "subject", r.Subject, "reason", r.Reason, "claimed_publisher", r.ClaimedPublisher)
+	return c.kv.Delete(ctx, key)
+}
+
+// askRedo is the stats phase's requestRedo (see cache.Writer): the coordinator consumes the
+// stats records itself, and asks itself through the bucket like any consumer.
+func (c *Coordinator) askRedo(ctx context.Context, subject string, reason error, claimed string) {
+	k, err := c.o.Names.ParseDataSubject(subject)
+	if err != nil || k.Phase != string(protocol.PhaseStats) {
+		return
 	}
-	P, err := DecodeFloat32s(b)
-	if err != nil {
-		return nil, nil, nil, err
+	if c.statsAsked == nil {
+		c.statsAsked = map[int]time.Time{}
 	}
-	return &p, &f, P, nil
+	if t, ok := c.statsAsked[k.Shard]; ok && time.Since(t) < 5*time.Second {
+		return
+	}
+	c.statsAsked[k.Shard] = time.Now()
+	b, _ := json.Marshal(protocol.Redo{Phase: protocol.PhaseStats, Shard: k.Shard, Subject: subject, Reason: reason.Error(), ClaimedPublisher: claimed})
+	if _, err := c.kv.Put(ctx, protocol.RedoKey(protocol.PhaseStats, k.Shard), b); err != nil {
+		c.log.Warn("asking for the shard to be recomputed failed", "phase", protocol.PhaseStats, "shard", k.Shard, "err", err)
+	}
 }

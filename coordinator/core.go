@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"sort"
 	"time"
+
+	"linearpatch/protocol"
 )
 
 // ShardStatus is where a shard stands.
@@ -18,24 +20,24 @@ const (
 
 // ShardState is the persisted state of one shard.
 type ShardState struct {
-	Phase    Phase       `json:"phase"`
-	ID       int         `json:"id"`
-	Status   ShardStatus `json:"status"`
-	Teacher  string      `json:"teacher,omitempty"`  // last teacher seen working on it
-	LeaseEnd time.Time   `json:"lease_end,omitzero"` // when the lease runs out without news
-	Tokens   int64       `json:"tokens,omitempty"`   // tokens done (progress or final)
-	Rows     int         `json:"rows,omitempty"`
-	Bytes    int64       `json:"bytes,omitempty"`
-	SHA256   string      `json:"sha256,omitempty"`
-	File     string      `json:"file,omitempty"`
-	Reason   string      `json:"reason,omitempty"` // why it is dead
+	Phase    protocol.Phase `json:"phase"`
+	ID       int            `json:"id"`
+	Status   ShardStatus    `json:"status"`
+	Teacher  string         `json:"teacher,omitempty"`  // last teacher seen working on it
+	LeaseEnd time.Time      `json:"lease_end,omitzero"` // when the lease runs out without news
+	Tokens   int64          `json:"tokens,omitempty"`   // tokens done (progress or final)
+	Rows     int            `json:"rows,omitempty"`
+	Bytes    int64          `json:"bytes,omitempty"`
+	SHA256   string         `json:"sha256,omitempty"`
+	File     string         `json:"file,omitempty"`
+	Reason   string         `json:"reason,omitempty"` // why it is dead
 }
 
 // Key is the shard's key in the state store: "shard.<phase>.<id>".
 func (s ShardState) Key() string { return ShardKey(s.Phase, s.ID) }
 
 // ShardKey is the state-store key of a shard.
-func ShardKey(ph Phase, id int) string { return fmt.Sprintf("shard.%s.%06d", ph, id) }
+func ShardKey(ph protocol.Phase, id int) string { return fmt.Sprintf("shard.%s.%06d", ph, id) }
 
 // Event is something that happened, fed to Core.Step.
 type Event interface{ isEvent() }
@@ -51,13 +53,13 @@ type EvStart struct {
 
 // ShardRef names one shard of a phase.
 type ShardRef struct {
-	Phase Phase
+	Phase protocol.Phase
 	ID    int
 }
 
 // EvProgress is a teacher's report that it works on a shard (a lease renewal).
 type EvProgress struct {
-	Phase   Phase
+	Phase   protocol.Phase
 	Shard   int
 	Teacher string
 	Tokens  int64
@@ -66,7 +68,7 @@ type EvProgress struct {
 
 // EvShardDone says a shard's data is durable and verified.
 type EvShardDone struct {
-	Phase                Phase
+	Phase                protocol.Phase
 	Shard                int
 	Rows                 int
 	Tokens, Bytes        int64
@@ -75,7 +77,7 @@ type EvShardDone struct {
 
 // EvShardDead says a shard's task exhausted its deliveries.
 type EvShardDead struct {
-	Phase  Phase
+	Phase  protocol.Phase
 	Shard  int
 	Reason string
 }
@@ -104,12 +106,12 @@ type Action interface{ isAction() }
 type ActPersist struct{ States []ShardState }
 
 // ActPersistPhase writes the current phase to the store.
-type ActPersistPhase struct{ Phase Phase }
+type ActPersistPhase struct{ Phase protocol.Phase }
 
 // ActPublishTasks publishes the tasks of these shards (idempotent: task ids are stable).
 type ActPublishTasks struct {
-	Phase  Phase
-	Shards []Shard
+	Phase  protocol.Phase
+	Shards []protocol.Shard
 }
 
 // ActFit merges the stats shards in plan order, selects the block and fits the patch; the
@@ -138,10 +140,10 @@ func (ActFail) isAction()         {}
 // events, it returns the actions to take. It has no clock and does no I/O; time arrives in
 // events. Not safe for concurrent use.
 type Core struct {
-	plan    *Plan
+	plan    *protocol.Plan
 	lease   time.Duration
 	student bool // the run continues with distillation after the cache phase
-	phase   Phase
+	phase   protocol.Phase
 	shards  map[string]*ShardState
 	fitted  bool
 	started bool
@@ -150,10 +152,10 @@ type Core struct {
 
 // NewCore returns a core for plan. lease is how long a shard counts as leased after a
 // teacher's last progress report; student says whether the run distills after caching.
-func NewCore(plan *Plan, lease time.Duration, student bool) *Core {
-	c := &Core{plan: plan, lease: lease, student: student, phase: PhaseStats, shards: map[string]*ShardState{},
+func NewCore(plan *protocol.Plan, lease time.Duration, student bool) *Core {
+	c := &Core{plan: plan, lease: lease, student: student, phase: protocol.PhaseStats, shards: map[string]*ShardState{},
 		marked: map[string]bool{}}
-	for _, ph := range []Phase{PhaseStats, PhaseCache} {
+	for _, ph := range []protocol.Phase{protocol.PhaseStats, protocol.PhaseCache} {
 		for _, s := range plan.Shards(ph) {
 			st := &ShardState{Phase: ph, ID: s.ID, Status: StatusPending}
 			c.shards[st.Key()] = st
@@ -163,7 +165,7 @@ func NewCore(plan *Plan, lease time.Duration, student bool) *Core {
 }
 
 // Phase returns the current phase.
-func (c *Core) Phase() Phase { return c.phase }
+func (c *Core) Phase() protocol.Phase { return c.phase }
 
 // States returns copies of all shard states in plan order (stats, then cache).
 func (c *Core) States() []ShardState {
@@ -173,7 +175,7 @@ func (c *Core) States() []ShardState {
 	}
 	sort.Slice(out, func(i, j int) bool {
 		if out[i].Phase != out[j].Phase {
-			return out[i].Phase == PhaseStats
+			return out[i].Phase == protocol.PhaseStats
 		}
 		return out[i].ID < out[j].ID
 	})
@@ -181,7 +183,7 @@ func (c *Core) States() []ShardState {
 }
 
 // Counts returns how many shards of a phase are in each status.
-func (c *Core) Counts(ph Phase) map[ShardStatus]int {
+func (c *Core) Counts(ph protocol.Phase) map[ShardStatus]int {
 	n := map[ShardStatus]int{}
 	for _, s := range c.shards {
 		if s.Phase == ph {
@@ -220,16 +222,16 @@ func (c *Core) Step(ev Event) []Action {
 		return []Action{ActPersist{States: []ShardState{*s}},
 			ActFail{Reason: fmt.Sprintf("%s shard %d failed on every delivery: %s", e.Phase, e.Shard, e.Reason)}}
 	case EvFitted:
-		if c.phase != PhaseStats || c.fitted {
+		if c.phase != protocol.PhaseStats || c.fitted {
 			return nil
 		}
 		c.fitted = true
-		return c.enter(PhaseCache)
+		return c.enter(protocol.PhaseCache)
 	case EvStudentDone:
-		if c.phase != PhaseStudent {
+		if c.phase != protocol.PhaseStudent {
 			return nil
 		}
-		return c.enter(PhaseDone)
+		return c.enter(protocol.PhaseDone)
 	case EvTick:
 		for _, s := range c.shards {
 			if s.Status == StatusLeased && !e.Now.Before(s.LeaseEnd) {
@@ -260,21 +262,21 @@ func (c *Core) start(e EvStart) []Action {
 			return []Action{ActFail{Reason: fmt.Sprintf("%s shard %d is dead: %s", s.Phase, s.ID, s.Reason)}}
 		}
 	}
-	return c.enter(PhaseStats)
+	return c.enter(protocol.PhaseStats)
 }
 
 // enter moves to phase ph and returns what starting it takes; a phase with nothing left to
 // do is passed through at once.
-func (c *Core) enter(ph Phase) []Action {
+func (c *Core) enter(ph protocol.Phase) []Action {
 	c.phase = ph
 	acts := []Action{ActPersistPhase{Phase: ph}}
 	switch ph {
-	case PhaseStats, PhaseCache:
+	case protocol.PhaseStats, protocol.PhaseCache:
 		pending := c.pending(ph)
 		if len(pending) == 0 {
 			return append(acts, c.advance()...)
 		}
-		var publish []Shard
+		var publish []protocol.Shard
 		for _, s := range pending {
 			if !c.marked[ShardKey(ph, s.ID)] {
 				publish = append(publish, s)
@@ -284,9 +286,9 @@ func (c *Core) enter(ph Phase) []Action {
 			acts = append(acts, ActPublishTasks{Phase: ph, Shards: publish})
 		}
 		return acts
-	case PhaseStudent:
+	case protocol.PhaseStudent:
 		return append(acts, ActStartStudent{})
-	case PhaseDone:
+	case protocol.PhaseDone:
 		return append(acts, ActFinish{})
 	}
 	return acts
@@ -298,23 +300,23 @@ func (c *Core) advance() []Action {
 		return nil
 	}
 	switch c.phase {
-	case PhaseStats:
+	case protocol.PhaseStats:
 		if c.fitted {
-			return c.enter(PhaseCache)
+			return c.enter(protocol.PhaseCache)
 		}
 		return []Action{ActFit{}}
-	case PhaseCache:
+	case protocol.PhaseCache:
 		if c.student {
-			return c.enter(PhaseStudent)
+			return c.enter(protocol.PhaseStudent)
 		}
-		return c.enter(PhaseDone)
+		return c.enter(protocol.PhaseDone)
 	}
 	return nil
 }
 
 // pending returns the shards of ph that are not done, in plan order.
-func (c *Core) pending(ph Phase) []Shard {
-	var out []Shard
+func (c *Core) pending(ph protocol.Phase) []protocol.Shard {
+	var out []protocol.Shard
 	for _, s := range c.plan.Shards(ph) {
 		if c.shards[ShardKey(ph, s.ID)].Status != StatusDone {
 			out = append(out, s)

@@ -5,11 +5,13 @@ import (
 	"reflect"
 	"testing"
 	"time"
+
+	"linearpatch/protocol"
 )
 
-func testPlan(t *testing.T, calib, train, per int) *Plan {
+func testPlan(t *testing.T, calib, train, per int) *protocol.Plan {
 	t.Helper()
-	p, err := NewPlan(Settings{Model: "m", Fingerprint: "f", Calib: "c", CalibWindows: 128, Train: "t",
+	p, err := protocol.NewPlan("rtest", protocol.Settings{Model: "m", Fingerprint: "f", Calib: "c", CalibSHA256: "c1", CalibWindows: 128, Train: "t", TrainSHA256: "t1",
 		SeqLen: 16, NumPrune: 2, ShardWindows: per, TopK: 50, ValidFrac: 0.05}, calib, train)
 	if err != nil {
 		t.Fatal(err)
@@ -17,56 +19,10 @@ func testPlan(t *testing.T, calib, train, per int) *Plan {
 	return p
 }
 
-func TestNewPlanSplits(t *testing.T) {
-	tests := []struct {
-		calib, train, per             int
-		statsShards, train_, valid    int
-		cacheShards, firstValidWindow int
-	}{
-		{calib: 200, train: 2643, per: 32, statsShards: 4, train_: 2510, valid: 133, cacheShards: 79 + 5, firstValidWindow: 2510},
-		{calib: 10, train: 100, per: 32, statsShards: 1, train_: 95, valid: 5, cacheShards: 3 + 1, firstValidWindow: 95},
-		{calib: 1, train: 2, per: 1, statsShards: 1, train_: 1, valid: 1, cacheShards: 2, firstValidWindow: 1},
-	}
-	for _, tc := range tests {
-		p := testPlan(t, tc.calib, tc.train, tc.per)
-		if len(p.Stats) != tc.statsShards || p.TrainWindows != tc.train_ || p.ValidWindows != tc.valid || len(p.Cache) != tc.cacheShards {
-			t.Errorf("%+v: got %d stats shards, %d train, %d valid windows, %d cache shards", tc, len(p.Stats), p.TrainWindows, p.ValidWindows, len(p.Cache))
-		}
-		covered := 0
-		for i, s := range p.Cache {
-			if s.ID != i || s.First != covered {
-				t.Errorf("%+v: shard %d = %+v, want id %d first %d", tc, i, s, i, covered)
-			}
-			if (s.Split == SplitValid) != (s.First >= tc.firstValidWindow) {
-				t.Errorf("%+v: shard %+v mixes splits", tc, s)
-			}
-			covered += s.Windows
-		}
-		if covered != tc.train {
-			t.Errorf("%+v: cache shards cover %d windows, want %d", tc, covered, tc.train)
-		}
-	}
-	if _, err := NewPlan(Settings{Model: "m", Fingerprint: "f", Calib: "c", CalibWindows: 1, SeqLen: 16, NumPrune: 1, ShardWindows: 1, TopK: 1}, 0, 0); err == nil {
-		t.Error("a plan without calibration windows was accepted")
-	}
-}
-
-func TestRunIDStable(t *testing.T) {
-	a := Settings{Model: "m", Fingerprint: "f", Calib: "c", CalibWindows: 1, SeqLen: 16, NumPrune: 1, ShardWindows: 1, TopK: 1}
-	b := a
-	if a.RunID() != b.RunID() {
-		t.Fatal("equal settings give different run ids")
-	}
-	b.NumPrune = 2
-	if a.RunID() == b.RunID() {
-		t.Fatal("different settings give the same run id")
-	}
-}
-
 // recorder drives a Core and records what it asked for, like the real driver would.
 type recorder struct {
 	core      *Core
-	published map[Phase]map[int]int // phase → shard → times published
+	published map[protocol.Phase]map[int]int // phase → shard → times published
 	persisted map[string]ShardState
 	fits      int
 	students  int
@@ -75,7 +31,7 @@ type recorder struct {
 }
 
 func newRecorder(c *Core) *recorder {
-	return &recorder{core: c, published: map[Phase]map[int]int{}, persisted: map[string]ShardState{}}
+	return &recorder{core: c, published: map[protocol.Phase]map[int]int{}, persisted: map[string]ShardState{}}
 }
 
 func (r *recorder) step(ev Event) {
@@ -125,23 +81,23 @@ func TestCoreHappyPath(t *testing.T) {
 	p := testPlan(t, 70, 100, 32)
 	r := newRecorder(NewCore(p, time.Minute, true))
 	r.step(EvStart{})
-	if got := len(r.published[PhaseStats]); got != len(p.Stats) {
+	if got := len(r.published[protocol.PhaseStats]); got != len(p.Stats) {
 		t.Fatalf("published %d stats tasks, want %d", got, len(p.Stats))
 	}
-	if len(r.published[PhaseCache]) != 0 {
+	if len(r.published[protocol.PhaseCache]) != 0 {
 		t.Fatal("cache tasks published before the patch was fitted")
 	}
 	for _, s := range p.Stats {
-		r.step(EvShardDone{Phase: PhaseStats, Shard: s.ID})
+		r.step(EvShardDone{Phase: protocol.PhaseStats, Shard: s.ID})
 	}
-	if r.fits != 1 || len(r.published[PhaseCache]) != len(p.Cache) {
-		t.Fatalf("fits %d, cache tasks %d", r.fits, len(r.published[PhaseCache]))
+	if r.fits != 1 || len(r.published[protocol.PhaseCache]) != len(p.Cache) {
+		t.Fatalf("fits %d, cache tasks %d", r.fits, len(r.published[protocol.PhaseCache]))
 	}
 	for _, s := range p.Cache {
-		r.step(EvShardDone{Phase: PhaseCache, Shard: s.ID})
-		r.step(EvShardDone{Phase: PhaseCache, Shard: s.ID}) // a duplicate is ignored
+		r.step(EvShardDone{Phase: protocol.PhaseCache, Shard: s.ID})
+		r.step(EvShardDone{Phase: protocol.PhaseCache, Shard: s.ID}) // a duplicate is ignored
 	}
-	if !r.finished || r.students != 1 || r.failed != "" || r.core.Phase() != PhaseDone {
+	if !r.finished || r.students != 1 || r.failed != "" || r.core.Phase() != protocol.PhaseDone {
 		t.Fatalf("finished %v students %d failed %q phase %s", r.finished, r.students, r.failed, r.core.Phase())
 	}
 }
@@ -150,7 +106,7 @@ func TestCoreDeadShardFails(t *testing.T) {
 	p := testPlan(t, 10, 10, 4)
 	r := newRecorder(NewCore(p, time.Minute, false))
 	r.step(EvStart{})
-	r.step(EvShardDead{Phase: PhaseStats, Shard: 1, Reason: "boom"})
+	r.step(EvShardDead{Phase: protocol.PhaseStats, Shard: 1, Reason: "boom"})
 	if r.failed == "" {
 		t.Fatal("a dead shard did not fail the run")
 	}
@@ -167,16 +123,16 @@ func TestCoreLeases(t *testing.T) {
 	r := newRecorder(c)
 	r.step(EvStart{})
 	t0 := time.Unix(1000, 0)
-	r.step(EvProgress{Phase: PhaseStats, Shard: 0, Teacher: "a", Tokens: 5, Now: t0})
-	if n := c.Counts(PhaseStats)[StatusLeased]; n != 1 {
+	r.step(EvProgress{Phase: protocol.PhaseStats, Shard: 0, Teacher: "a", Tokens: 5, Now: t0})
+	if n := c.Counts(protocol.PhaseStats)[StatusLeased]; n != 1 {
 		t.Fatalf("leased = %d", n)
 	}
 	r.step(EvTick{Now: t0.Add(9 * time.Second)})
-	if n := c.Counts(PhaseStats)[StatusLeased]; n != 1 {
+	if n := c.Counts(protocol.PhaseStats)[StatusLeased]; n != 1 {
 		t.Fatalf("lease expired early")
 	}
 	r.step(EvTick{Now: t0.Add(10 * time.Second)})
-	if n := c.Counts(PhaseStats)[StatusLeased]; n != 0 {
+	if n := c.Counts(protocol.PhaseStats)[StatusLeased]; n != 0 {
 		t.Fatalf("lease did not expire")
 	}
 }
@@ -215,7 +171,7 @@ func TestCoreRestartProperty(t *testing.T) {
 				continue
 			}
 			s := shards[rng.IntN(len(shards))]
-			if ph == PhaseCache && r.fits == 0 && len(r.published[PhaseCache]) > 0 && !done[ShardKey(PhaseStats, 0)] {
+			if ph == protocol.PhaseCache && r.fits == 0 && len(r.published[protocol.PhaseCache]) > 0 && !done[ShardKey(protocol.PhaseStats, 0)] {
 				t.Fatalf("seed %d: cache tasks before the stats phase completed", seed)
 			}
 			if key := ShardKey(ph, s.ID); !marked[key] {
@@ -229,7 +185,7 @@ func TestCoreRestartProperty(t *testing.T) {
 		if !r.finished {
 			t.Fatalf("seed %d: run did not finish", seed)
 		}
-		for _, ph := range []Phase{PhaseStats, PhaseCache} {
+		for _, ph := range []protocol.Phase{protocol.PhaseStats, protocol.PhaseCache} {
 			for _, s := range p.Shards(ph) {
 				if st := r.persisted[ShardKey(ph, s.ID)]; st.Status != StatusDone {
 					t.Fatalf("seed %d: %s shard %d ended %q", seed, ph, s.ID, st.Status)
@@ -245,21 +201,21 @@ func TestCoreRestartProperty(t *testing.T) {
 func TestCoreRestartWaitsForMarkedShards(t *testing.T) {
 	p := testPlan(t, 10, 10, 4)
 	r := newRecorder(NewCore(p, time.Minute, false))
-	r.step(EvStart{Marked: []ShardRef{{Phase: PhaseStats, ID: 1}}})
-	if got := r.published[PhaseStats]; len(got) != len(p.Stats)-1 || got[1] != 0 {
+	r.step(EvStart{Marked: []ShardRef{{Phase: protocol.PhaseStats, ID: 1}}})
+	if got := r.published[protocol.PhaseStats]; len(got) != len(p.Stats)-1 || got[1] != 0 {
 		t.Fatalf("published stats tasks %v: want all but shard 1", got)
 	}
 	for _, s := range p.Stats {
 		if s.ID != 1 {
-			r.step(EvShardDone{Phase: PhaseStats, Shard: s.ID})
+			r.step(EvShardDone{Phase: protocol.PhaseStats, Shard: s.ID})
 		}
 	}
-	if r.fits != 0 || r.core.Phase() != PhaseStats {
+	if r.fits != 0 || r.core.Phase() != protocol.PhaseStats {
 		t.Fatalf("fitted %d times in phase %s before the marked shard was done", r.fits, r.core.Phase())
 	}
-	r.step(EvShardDone{Phase: PhaseStats, Shard: 1})
-	if r.fits != 1 || len(r.published[PhaseCache]) != len(p.Cache) {
-		t.Fatalf("fits %d, cache tasks %d", r.fits, len(r.published[PhaseCache]))
+	r.step(EvShardDone{Phase: protocol.PhaseStats, Shard: 1})
+	if r.fits != 1 || len(r.published[protocol.PhaseCache]) != len(p.Cache) {
+		t.Fatalf("fits %d, cache tasks %d", r.fits, len(r.published[protocol.PhaseCache]))
 	}
 }
 
@@ -274,21 +230,5 @@ func TestStatesOrder(t *testing.T) {
 		"shard.cache.000000", "shard.cache.000001", "shard.cache.000002", "shard.cache.000003"}
 	if !reflect.DeepEqual(keys, want) {
 		t.Fatalf("States order %v, want %v", keys, want)
-	}
-}
-
-func TestParseDoneKey(t *testing.T) {
-	for _, ph := range []Phase{PhaseStats, PhaseCache} {
-		for _, id := range []int{0, 7, 123456, 1234567} {
-			got, gotID, ok := ParseDoneKey(DoneKey(ph, id))
-			if !ok || got != ph || gotID != id {
-				t.Fatalf("ParseDoneKey(%q) = %s, %d, %v", DoneKey(ph, id), got, gotID, ok)
-			}
-		}
-	}
-	for _, k := range []string{"plan", "shard.cache.000001", "done.cache", "done.cache.x", "done.cache.-1", TeacherKey("t1")} {
-		if _, _, ok := ParseDoneKey(k); ok {
-			t.Fatalf("ParseDoneKey(%q) accepted", k)
-		}
 	}
 }

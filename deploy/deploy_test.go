@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,6 +25,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.yaml.in/yaml/v3"
+
+	"linearpatch/worker"
 )
 
 // The linearpatch binary, built once by the first test that needs it, and the flags of each
@@ -322,12 +325,15 @@ func parseConf(t *testing.T, where string, parse func(*server.Options) error) *s
 
 func TestNATSConfigs(t *testing.T) {
 	confs := files(t, "nats", ".conf")
-	want := []string{"nats/auth.conf", "nats/cluster/node-a.conf", "nats/cluster/node-b.conf", "nats/cluster/node-c.conf", "nats/nats-server.conf"}
+	want := []string{"nats/accounts.conf", "nats/auth.conf", "nats/cluster/node-a.conf", "nats/cluster/node-b.conf", "nats/cluster/node-c.conf", "nats/nats-server.conf"}
 	if !slices.Equal(confs, want) {
 		t.Fatalf("configs %v, want %v", confs, want)
 	}
 	opts := map[string]*server.Options{}
 	for _, path := range confs {
+		if path == "nats/accounts.conf" {
+			continue // users only: checked through auth.conf and the cluster nodes, which include it
+		}
 		opts[path] = parseConf(t, path, func(o *server.Options) error { return o.ProcessConfigFile(path) })
 	}
 
@@ -373,6 +379,7 @@ func TestNATSConfigs(t *testing.T) {
 		if !slices.Equal(routes, []string{"nats-a:6222", "nats-b:6222", "nats-c:6222"}) {
 			t.Errorf("%s: routes %v", path, routes)
 		}
+		checkRoles(t, path, o.Users)
 		if o.ServerName != "nats-"+n {
 			t.Errorf("%s: server_name %q (routes name the nodes nats-a/b/c)", path, o.ServerName)
 		}
@@ -407,11 +414,13 @@ func TestAuthConfPipeline(t *testing.T) {
 	}
 	o.Host, o.Port, o.HTTPPort = "127.0.0.1", -1, 0
 	o.StoreDir = t.TempDir()
-	o.NoSigs, o.NoLog = true, true
+	o.NoSigs = true
 	srv, err := server.NewServer(o)
 	if err != nil {
 		t.Fatal(err)
 	}
+	serverLog := &errorLog{}
+	srv.SetLoggerV2(serverLog, false, false, false)
 	go srv.Start()
 	t.Cleanup(srv.Shutdown)
 	if !srv.ReadyForConnections(10 * time.Second) {
@@ -428,15 +437,9 @@ func TestAuthConfPipeline(t *testing.T) {
 		return []string{"LINEARPATCH_NATS_USER=" + user, "LINEARPATCH_NATS_PASSWORD=change-me-" + user, "LINEARPATCH_THREADS=1"}
 	}
 
-	// A wrong password is refused.
-	if out, err := start(t, bin, []string{"LINEARPATCH_NATS_USER=teacher", "LINEARPATCH_NATS_PASSWORD=wrong"},
-		"status", "--nats", url, "--run", "r0123456789ab").wait(t, 30*time.Second); err == nil {
-		t.Errorf("status with a wrong password succeeded:\n%s", out)
-	}
-
 	coord := start(t, bin, login("coordinator"), "coordinator", "--nats", url, "--model", model, "--calib", data,
 		"--train", data, "--num-prune", "1", "--seq-len", "64", "--calib-windows", "16", "--shard-windows", "8",
-		"--top-k", "8", "--out", filepath.Join(dir, "out"), "--run-dir", runDir)
+		"--top-k", "8", "--checkpoint-every", "3", "--out", filepath.Join(dir, "out"), "--run-dir", runDir)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if b, err := os.ReadFile(filepath.Join(runDir, "run.id")); err == nil && len(bytes.TrimSpace(b)) > 0 {
@@ -450,10 +453,17 @@ func TestAuthConfPipeline(t *testing.T) {
 	teacher := start(t, bin, login("teacher"), "teacher", "--nats", url, "--run-dir", runDir, "--model", model, "--name", "t1")
 	cache := start(t, bin, login("cache"), "cache", "--nats", url, "--run-dir", runDir, "--model", model,
 		"--dir", filepath.Join(runDir, "cache"))
+	// The student: its own user, its own directory; it replaces its checkpoint in the object
+	// store every 3 steps.
+	student := start(t, bin, login("student"), "student", "--nats", url, "--run-dir", runDir, "--model", model,
+		"--dir", filepath.Join(dir, "student"))
 	if out, err := coord.wait(t, 90*time.Second); err != nil {
-		t.Fatalf("coordinator: %v\n%s\nteacher:\n%s\ncache:\n%s", err, tail(out), tail(teacher.out.String()), tail(cache.out.String()))
+		t.Fatalf("coordinator: %v\n%s\nteacher:\n%s\ncache:\n%s\nstudent:\n%s", err, tail(out), tail(teacher.out.String()), tail(cache.out.String()), tail(student.out.String()))
 	}
-	for _, p := range []*proc{teacher, cache} {
+	if b, err := os.ReadFile(filepath.Join(dir, "out", "linearpatch.json")); err != nil || !bytes.Contains(b, []byte(`"method": "kd"`)) {
+		t.Errorf("the coordinator did not export the student's patch (method kd): %v", err)
+	}
+	for _, p := range []*proc{teacher, cache, student} {
 		if out, err := p.wait(t, 30*time.Second); err != nil {
 			t.Errorf("%s: %v\n%s", p.name, err, tail(out))
 		}
@@ -465,6 +475,25 @@ func TestAuthConfPipeline(t *testing.T) {
 	out := run(t, bin, login("status"), "status", "--nats", url, "--run-dir", runDir)
 	if !strings.Contains(out, "phase done") {
 		t.Errorf("status as user status:\n%s", out)
+	}
+	// The roles are exactly what the workers need: no permission violation anywhere, no
+	// error line in any process's log.
+	for _, p := range []*proc{coord, teacher, cache} {
+		for _, line := range strings.Split(p.out.String(), "\n") {
+			if strings.Contains(line, "level=ERROR") || strings.Contains(strings.ToLower(line), "permissions violation") {
+				t.Errorf("%s logged: %s", p.name, line)
+			}
+		}
+	}
+	if errs := serverLog.errors(); len(errs) > 0 {
+		t.Errorf("the server logged errors:\n%s", strings.Join(errs, "\n"))
+	}
+
+	// A wrong password is refused, for the run that exists (the same query succeeded just
+	// above with the right one), and the refusal names the authorization.
+	if out, err := start(t, bin, []string{"LINEARPATCH_NATS_USER=status", "LINEARPATCH_NATS_PASSWORD=wrong"},
+		"status", "--nats", url, "--run-dir", runDir).wait(t, 30*time.Second); err == nil || !strings.Contains(strings.ToLower(out), "authorization") {
+		t.Errorf("status with a wrong password: %v, want an authorization error:\n%s", err, out)
 	}
 
 	// The teacher's permissions: it may read streams but not delete them.
@@ -494,6 +523,89 @@ func TestAuthConfPipeline(t *testing.T) {
 	if _, err := js.Stream(ctx3, stream); err != nil {
 		t.Errorf("stream %s is gone: %v", stream, err)
 	}
+}
+
+// errorLog is a nats-server logger that keeps the error lines.
+type errorLog struct {
+	mu   sync.Mutex
+	errs []string
+}
+
+func (l *errorLog) Noticef(string, ...any) {}
+func (l *errorLog) Warnf(string, ...any)   {}
+func (l *errorLog) Debugf(string, ...any)  {}
+func (l *errorLog) Tracef(string, ...any)  {}
+func (l *errorLog) Fatalf(format string, v ...any) {
+	l.Errorf(format, v...)
+}
+func (l *errorLog) Errorf(format string, v ...any) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.errs = append(l.errs, fmt.Sprintf(format, v...))
+}
+
+func (l *errorLog) errors() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]string(nil), l.errs...)
+}
+
+// TestAuthConfRoles: auth.conf's users and those of the Kubernetes NATS configuration have
+// exactly the permissions of the linearpatch roles on a shared server
+// (worker.AnyRunPermissions), the coordinator none.
+func TestAuthConfRoles(t *testing.T) {
+	o, err := server.ProcessConfigFile("nats/auth.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkRoles(t, "auth.conf", o.Users)
+	found := false
+	for _, doc := range readYAML(t, "kubernetes/nats.yaml") {
+		if doc["kind"] == "ConfigMap" {
+			conf, _ := get(doc, "data", "nats.conf").(string)
+			o := &server.Options{}
+			if err := o.ProcessConfigString(conf); err != nil {
+				t.Fatalf("kubernetes/nats.yaml: %v", err)
+			}
+			checkRoles(t, "kubernetes/nats.yaml", o.Users)
+			found = true
+		}
+	}
+	if !found {
+		t.Error("kubernetes/nats.yaml: no NATS configuration")
+	}
+}
+
+func checkRoles(t *testing.T, where string, list []*server.User) {
+	t.Helper()
+	users := map[string]*server.User{}
+	for _, u := range list {
+		users[u.Username] = u
+	}
+	if u := users["coordinator"]; u == nil || u.Permissions != nil {
+		t.Errorf("%s: user coordinator: %+v, want no restriction", where, u)
+	}
+	for _, r := range worker.FileRoles {
+		u := users[string(r)]
+		if u == nil || u.Permissions == nil || u.Permissions.Publish == nil {
+			t.Errorf("%s: no restricted user %s", where, r)
+			continue
+		}
+		want := worker.AnyRunPermissions(r)
+		got := u.Permissions.Publish
+		if !slices.Equal(sorted(got.Allow), sorted(want.Publish.Allow)) || !slices.Equal(sorted(got.Deny), sorted(want.Publish.Deny)) {
+			t.Errorf("%s: user %s publishes\nallow %v\ndeny %v\nwant\nallow %v\ndeny %v", where, r, got.Allow, got.Deny, want.Publish.Allow, want.Publish.Deny)
+		}
+		if u.Permissions.Subscribe != nil {
+			t.Errorf("%s: user %s: subscriptions are restricted", where, r)
+		}
+	}
+}
+
+func sorted(s []string) []string {
+	s = slices.Clone(s)
+	sort.Strings(s)
+	return s
 }
 
 // proc is a linearpatch process of TestAuthConfPipeline.
@@ -574,7 +686,7 @@ func TestCompose(t *testing.T) {
 		t.Fatalf("docker-compose.yml: %d documents", len(docs))
 	}
 	services, _ := docs[0]["services"].(map[string]any)
-	for _, name := range []string{"nats", "coordinator", "teacher", "cache"} {
+	for _, name := range []string{"nats", "coordinator", "teacher", "cache", "student"} {
 		if services[name] == nil {
 			t.Errorf("docker-compose.yml: no service %s", name)
 		}
@@ -583,15 +695,15 @@ func TestCompose(t *testing.T) {
 		t.FailNow()
 	}
 
-	// NATS: the official image (2.10 or later) with deploy/nats/nats-server.conf and -js.
+	// NATS: the official image (2.10 or later) with deploy/nats/auth.conf and -js.
 	nats := services["nats"]
 	image, _ := get(nats, "image").(string)
 	if m := regexp.MustCompile(`^nats:2\.(\d+)`).FindStringSubmatch(image); m == nil || atoi(m[1]) < 10 {
 		t.Errorf("nats image %q, want nats:2.10 or later", image)
 	}
 	cmd := strs(get(nats, "command"))
-	if !slices.Contains(cmd, "-js") || !slices.Contains(cmd, "/etc/nats/nats-server.conf") {
-		t.Errorf("nats command %v: want --config /etc/nats/nats-server.conf -js", cmd)
+	if !slices.Contains(cmd, "-js") || !slices.Contains(cmd, "/etc/nats/auth.conf") {
+		t.Errorf("nats command %v: want --config /etc/nats/auth.conf -js (authenticated by default)", cmd)
 	}
 
 	// Bind mounts with relative sources exist (${VAR:-default} sources are the user's).
@@ -627,7 +739,7 @@ func TestCompose(t *testing.T) {
 	runCfg := readYAML(t, "compose/run.yaml")[0]
 	checkConfigKeys(t, "compose/run.yaml", "coordinator", runCfg)
 	checkRunConfig(t, "compose/run.yaml", runCfg)
-	for _, name := range []string{"coordinator", "teacher", "cache"} {
+	for _, name := range []string{"coordinator", "teacher", "cache", "student"} {
 		svc := services[name]
 		args := strs(get(svc, "command"))
 		where := "docker-compose.yml service " + name
@@ -639,7 +751,7 @@ func TestCompose(t *testing.T) {
 		for k := range env {
 			checkEnv(t, where, name, k)
 		}
-		if name != "coordinator" {
+		if name == "teacher" || name == "cache" {
 			checkWorkerArgs(t, where, args, runCfg)
 		}
 	}
@@ -707,7 +819,7 @@ func TestKubernetes(t *testing.T) {
 			kinds[kind] = append(kinds[kind], doc)
 		}
 	}
-	for kind, n := range map[string]int{"StatefulSet": 1, "Service": 2, "Job": 1, "Deployment": 2, "PersistentVolumeClaim": 2, "ConfigMap": 2, "Kustomization": 1} {
+	for kind, n := range map[string]int{"StatefulSet": 1, "Service": 2, "Job": 1, "Deployment": 3, "PersistentVolumeClaim": 2, "ConfigMap": 2, "Kustomization": 1} {
 		if len(kinds[kind]) != n {
 			t.Errorf("%d %s, want %d", len(kinds[kind]), kind, n)
 		}
@@ -798,6 +910,9 @@ func TestKubernetes(t *testing.T) {
 					t.Errorf("%s: ConfigMap %s is not defined", where, cm)
 				}
 			}
+			if sub == "coordinator" || sub == "teacher" || sub == "cache" || sub == "student" {
+				checkMetricsScrape(t, where, w, c)
+			}
 			switch sub {
 			case "teacher":
 				if !env["LINEARPATCH_THREADS"] || !env["LINEARPATCH_RUN"] || !env["LINEARPATCH_NATS"] {
@@ -821,10 +936,57 @@ func TestKubernetes(t *testing.T) {
 			}
 		}
 	}
-	for _, r := range []string{"coordinator", "teacher", "cache"} {
+	for _, r := range []string{"coordinator", "teacher", "cache", "student"} {
 		if !roles[r] {
 			t.Errorf("no container runs linearpatch %s", r)
 		}
+	}
+}
+
+// checkMetricsScrape checks that a long-running worker container c of workload w serves its
+// metrics (LINEARPATCH_METRICS_LISTEN or --metrics-listen on a port), declares that port as
+// the container port named metrics, and that w's pods carry the prometheus.io annotations
+// naming it.
+func checkMetricsScrape(t *testing.T, where string, w, c any) {
+	t.Helper()
+	listen := ""
+	for _, e := range asList(get(c, "env")) {
+		if get(e, "name") == "LINEARPATCH_METRICS_LISTEN" {
+			listen = fmt.Sprint(get(e, "value"))
+		}
+	}
+	args := strs(get(c, "args"))
+	for i, a := range args {
+		if a == "--metrics-listen" && i+1 < len(args) {
+			listen = args[i+1]
+		} else if v, ok := strings.CutPrefix(a, "--metrics-listen="); ok {
+			listen = v
+		}
+	}
+	if listen == "" {
+		t.Errorf("%s: serves no metrics (no LINEARPATCH_METRICS_LISTEN or --metrics-listen)", where)
+		return
+	}
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil || atoi(port) <= 0 {
+		t.Errorf("%s: metrics listen address %q: want HOST:PORT", where, listen)
+		return
+	}
+	if host == "127.0.0.1" || host == "localhost" {
+		t.Errorf("%s: metrics listen on %s cannot be scraped from outside the pod", where, listen)
+	}
+	declared := false
+	for _, p := range asList(get(c, "ports")) {
+		if get(p, "name") == "metrics" && fmt.Sprint(get(p, "containerPort")) == port {
+			declared = true
+		}
+	}
+	if !declared {
+		t.Errorf("%s: no container port named metrics with containerPort %s", where, port)
+	}
+	ann := get(w, "spec", "template", "metadata", "annotations")
+	if get(ann, "prometheus.io/scrape") != "true" || fmt.Sprint(get(ann, "prometheus.io/port")) != port || get(ann, "prometheus.io/path") != "/metrics" {
+		t.Errorf("%s: pod annotations %v: want prometheus.io/scrape \"true\", prometheus.io/port %q, prometheus.io/path /metrics", where, ann, port)
 	}
 }
 
@@ -886,7 +1048,7 @@ func (u unit) values(section, key string) []string {
 
 func TestSystemdUnits(t *testing.T) {
 	paths := files(t, "systemd", ".service")
-	want := []string{"systemd/linearpatch-cache.service", "systemd/linearpatch-coordinator.service", "systemd/linearpatch-teacher@.service", "systemd/nats-server.service"}
+	want := []string{"systemd/linearpatch-cache.service", "systemd/linearpatch-coordinator.service", "systemd/linearpatch-student.service", "systemd/linearpatch-teacher@.service", "systemd/nats-server.service"}
 	if !slices.Equal(paths, want) {
 		t.Fatalf("units %v, want %v", paths, want)
 	}
@@ -934,7 +1096,7 @@ func TestSystemdUnits(t *testing.T) {
 
 	// The example environment files: every LINEARPATCH_ variable is a flag of its unit's
 	// subcommand.
-	envSub := map[string]string{"coordinator.env": "coordinator", "cache.env": "cache", "teacher.env": "teacher", "node1-a.env": "teacher"}
+	envSub := map[string]string{"coordinator.env": "coordinator", "cache.env": "cache", "teacher.env": "teacher", "node1-a.env": "teacher", "student.env": "student"}
 	envs := files(t, "systemd/env", ".env")
 	if len(envs) != len(envSub) {
 		t.Errorf("environment files %v, want %v", envs, envSub)

@@ -2,6 +2,8 @@ package model
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"math"
 
 	"linearpatch/model/tensor"
@@ -15,6 +17,10 @@ type Perplexity struct {
 	Windows int     `json:"windows"` // windows evaluated
 	Tokens  int     `json:"tokens"`  // predictions averaged: windows × (seq-len − 1)
 }
+
+// ErrNotFinite is wrapped when a perplexity comes out NaN or infinite: the model's logits
+// hold NaN or Inf (NaN or huge weights, or an overflow), so the score means nothing.
+var ErrNotFinite = errors.New("model: perplexity is not finite")
 
 // NLLSum accumulates next-token negative log-likelihoods in float64.
 type NLLSum struct {
@@ -51,7 +57,8 @@ func BatchWindows(seqLen, vocab int) int {
 
 // EvalPerplexity runs m over the windows (each from position 0) in batches and returns the
 // perplexity. progress, when non-nil, is called with the number of windows done so far.
-// It stops early with ctx's error when ctx ends.
+// It stops early with ctx's error when ctx ends, and with an error wrapping ErrNotFinite
+// as soon as a batch makes the negative log-likelihood NaN or infinite.
 func (m *Model) EvalPerplexity(ctx context.Context, windows [][]int, progress func(done int)) (Perplexity, error) {
 	var sum NLLSum
 	if len(windows) == 0 {
@@ -63,21 +70,39 @@ func (m *Model) EvalPerplexity(ctx context.Context, windows [][]int, progress fu
 			return Perplexity{}, err
 		}
 		batch := windows[lo:min(lo+bs, len(windows))]
-		sum.Add(m.Forward(batch), batch)
+		logits, err := m.ForwardContext(ctx, batch)
+		if err != nil {
+			return Perplexity{}, err
+		}
+		sum.Add(logits, batch)
+		if math.IsNaN(sum.Sum) || math.IsInf(sum.Sum, 0) {
+			return Perplexity{}, fmt.Errorf("%w: the negative log-likelihood became %v in windows %d..%d (the logits hold NaN or Inf: check the weights and config.json)",
+				ErrNotFinite, sum.Sum, lo, lo+len(batch)-1)
+		}
 		if progress != nil {
 			progress(lo + len(batch))
 		}
 	}
-	return sum.Result(len(windows)), nil
+	res := sum.Result(len(windows))
+	if math.IsInf(res.PPL, 0) {
+		return Perplexity{}, fmt.Errorf("%w: mean negative log-likelihood %v nats overflows exp", ErrNotFinite, res.NLL)
+	}
+	return res, nil
 }
 
 // ForwardFLOPs is the floating-point operation count of one forward over batch sequences
 // of seqLen tokens, logits included: 2 per multiply-add of every projection, and the causal
-// half of the attention score and value products.
+// half of the attention score and value products (with a sliding window W < seqLen, the
+// T·W − W²/2 query-key pairs it keeps).
 func ForwardFLOPs(c Config, batch, seqLen int) float64 {
 	n := float64(batch * seqLen)
 	q, kv := float64(c.Heads*c.HeadDim), float64(c.KVHeads*c.HeadDim)
 	d, f := float64(c.Dim), float64(c.FFN)
-	perLayer := 2*n*(d*q+2*d*kv+q*d+3*d*f) + 2*float64(batch)*float64(seqLen)*float64(seqLen)*q
+	T := float64(seqLen)
+	pairs := T * T / 2
+	if w := float64(c.SlidingWindow); c.SlidingWindow > 0 && w < T {
+		pairs = T*w - w*w/2
+	}
+	perLayer := 2*n*(d*q+2*d*kv+q*d+3*d*f) + 4*float64(batch)*pairs*q
 	return float64(c.Layers)*perLayer + 2*n*d*float64(c.Vocab)
 }

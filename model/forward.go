@@ -60,7 +60,8 @@ func (m *Model) Embeddings(ids [][]int) *tensor.Matrix {
 			panic(fmt.Sprintf("model: sequence %d has %d tokens, want %d", b, len(seq), T))
 		}
 		for t, id := range seq {
-			copy(x.Row(b*T+t), m.Embed.Row(id))
+			row := x.Row(b*T + t)
+			copy(row, m.Embed.RowF32(id, row)) // widens a half embedding into row itself
 		}
 	}
 	return x
@@ -81,7 +82,7 @@ func (m *Model) RunLayers(x *tensor.Matrix, seqLen, from, to int, after func(l i
 	ws := newWorkspace(&m.Config, x.Rows)
 	for l := from; l < to; l++ {
 		if m.Patch != nil && m.Patch.Before == l {
-			m.applyPatch(x, ws)
+			m.applyPatch(x, seqLen, ws)
 		}
 		if m.Layers[l] == nil {
 			panic(fmt.Sprintf("model: layer %d was not loaded", l))
@@ -92,24 +93,29 @@ func (m *Model) RunLayers(x *tensor.Matrix, seqLen, from, to int, after func(l i
 		}
 	}
 	if m.Patch != nil && m.Patch.Before == to && to == len(m.Layers) && from < to {
-		m.applyPatch(x, ws)
+		m.applyPatch(x, seqLen, ws)
 	}
 }
 
-func (m *Model) applyPatch(x *tensor.Matrix, ws *workspace) {
-	tensor.Mul(ws.h, x, m.Patch.P)
+func (m *Model) applyPatch(x *tensor.Matrix, seqLen int, ws *workspace) {
+	tensor.MulSeq(ws.h, x, m.Patch.P, seqLen)
 	copy(x.Data, ws.h.Data)
 }
 
-// Logits applies the final norm and the head to x, returning (rows × vocab) logits.
-func (m *Model) Logits(x *tensor.Matrix) *tensor.Matrix {
+// Logits applies the final norm and the head to x, returning (rows × vocab) logits. The
+// rows of x are one sequence; for a batch, LogitsSeq gives every window the bits it has alone.
+func (m *Model) Logits(x *tensor.Matrix) *tensor.Matrix { return m.LogitsSeq(x, x.Rows) }
+
+// LogitsSeq is Logits for a batch of sequences of seqLen rows each stacked in x: a row's
+// logits do not depend on the other sequences of the batch (see tensor.MulTSeq).
+func (m *Model) LogitsSeq(x *tensor.Matrix, seqLen int) *tensor.Matrix {
 	if m.Head == nil {
 		panic("model: head was not loaded")
 	}
 	h := tensor.New(x.Rows, x.Cols)
 	tensor.RMSNorm(h, x, m.Norm, m.NormEps)
 	out := tensor.New(x.Rows, m.Vocab)
-	tensor.MulT(out, h, m.Head)
+	tensor.MulTSeq(out, h, m.Head, seqLen)
 	return out
 }
 
@@ -117,7 +123,7 @@ func (m *Model) Logits(x *tensor.Matrix) *tensor.Matrix {
 func (m *Model) Forward(ids [][]int) *tensor.Matrix {
 	x := m.Embeddings(ids)
 	m.RunLayers(x, len(ids[0]), 0, len(m.Layers), nil)
-	return m.Logits(x)
+	return m.LogitsSeq(x, len(ids[0]))
 }
 
 // HiddenStates runs the sequences through the whole model and returns copies of the
@@ -168,26 +174,33 @@ func newWorkspace(c *Config, rows int) *workspace {
 func (m *Model) layerForward(ly *Layer, x *tensor.Matrix, seqLen int, ws *workspace) {
 	c := &m.Config
 	tensor.RMSNorm(ws.h, x, ly.AttnNorm, c.NormEps)
-	tensor.MulT(ws.q, ws.h, ly.Wq)
-	tensor.MulT(ws.k, ws.h, ly.Wk)
-	tensor.MulT(ws.v, ws.h, ly.Wv)
+	tensor.MulTSeq(ws.q, ws.h, ly.Wq, seqLen)
+	tensor.MulTSeq(ws.k, ws.h, ly.Wk, seqLen)
+	tensor.MulTSeq(ws.v, ws.h, ly.Wv, seqLen)
 	if ly.Bq != nil {
 		tensor.AddBias(ws.q, ly.Bq)
 		tensor.AddBias(ws.k, ly.Bk)
 		tensor.AddBias(ws.v, ly.Bv)
 	}
+	if ly.QNorm != nil {
+		// Per-head RMSNorm: each row of heads·hd values is heads rows of hd.
+		qh := tensor.FromData(ws.q.Rows*c.Heads, c.HeadDim, ws.q.Data)
+		kh := tensor.FromData(ws.k.Rows*c.KVHeads, c.HeadDim, ws.k.Data)
+		tensor.RMSNorm(qh, qh, ly.QNorm, c.NormEps)
+		tensor.RMSNorm(kh, kh, ly.KNorm, c.NormEps)
+	}
 	rope := m.ropeFor(seqLen)
 	rope.Apply(ws.q, c.Heads, seqLen)
 	rope.Apply(ws.k, c.KVHeads, seqLen)
-	tensor.Attention(ws.att, ws.q, ws.k, ws.v, seqLen, c.Heads, c.KVHeads)
-	tensor.MulT(ws.h, ws.att, ly.Wo)
+	tensor.AttentionWindow(ws.att, ws.q, ws.k, ws.v, seqLen, c.Heads, c.KVHeads, c.SlidingWindow)
+	tensor.MulTSeq(ws.h, ws.att, ly.Wo, seqLen)
 	tensor.Add(x, ws.h)
 
 	tensor.RMSNorm(ws.h, x, ly.MLPNorm, c.NormEps)
-	tensor.MulT(ws.gate, ws.h, ly.Wgate)
-	tensor.MulT(ws.up, ws.h, ly.Wup)
+	tensor.MulTSeq(ws.gate, ws.h, ly.Wgate, seqLen)
+	tensor.MulTSeq(ws.up, ws.h, ly.Wup, seqLen)
 	tensor.SwiGLU(ws.gate, ws.gate, ws.up)
-	tensor.MulT(ws.h, ws.gate, ly.Wdown)
+	tensor.MulTSeq(ws.h, ws.gate, ly.Wdown, seqLen)
 	tensor.Add(x, ws.h)
 }
 

@@ -85,6 +85,9 @@ func (t *Llama2cTokenizer) VocabSize() int { return len(t.vocab) }
 // BOS returns 1, llama2.c's fixed begin-of-sequence id.
 func (t *Llama2cTokenizer) BOS() int { return l2cBOS }
 
+// DocumentStart returns the BOS id.
+func (t *Llama2cTokenizer) DocumentStart() int { return l2cBOS }
+
 // EOS returns 2, llama2.c's fixed end-of-sequence id.
 func (t *Llama2cTokenizer) EOS() int { return l2cEOS }
 

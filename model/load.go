@@ -1,6 +1,7 @@
 package model
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -50,9 +51,19 @@ func WithReadLog(log *[]string) LoadOption {
 }
 
 // Load reads a model: a Hugging Face directory (config.json + model.safetensors or a sharded
-// model.safetensors.index.json) or a llama2.c .bin checkpoint. Tensors of any supported dtype
-// become float32. Only the parts asked for are read.
+// model.safetensors.index.json) or a llama2.c .bin checkpoint. Only the parts asked for are
+// read. Weight matrices (embeddings, projections, head) stored as BF16 or F16 stay in that
+// dtype, two bytes per weight, mapped from the safetensors files where the platform allows
+// (so their pages are read from the file as the forward first touches them; the files must
+// not be truncated or rewritten in place while the model is in use); MulT widens them block
+// by block. Float32 tensors, norm weights, biases and a linear patch become float32.
 func Load(path string, opts ...LoadOption) (*Model, error) {
+	return LoadContext(context.Background(), path, opts...)
+}
+
+// LoadContext is Load that checks ctx between tensors: once ctx ends it stops reading and
+// returns ctx's error (wrapped, with the path).
+func LoadContext(ctx context.Context, path string, opts ...LoadOption) (*Model, error) {
 	o := loadOptions{to: -1}
 	for _, opt := range opts {
 		if err := opt(&o); err != nil {
@@ -85,7 +96,7 @@ func Load(path string, opts ...LoadOption) (*Model, error) {
 		src = ms
 	}
 	defer src.Close()
-	m, err := build(cfg, src, o)
+	m, err := build(ctx, cfg, src, o)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
@@ -97,11 +108,23 @@ func FromSource(cfg Config, src TensorSource) (*Model, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return build(cfg, src, loadOptions{to: -1})
+	return build(context.Background(), cfg, src, loadOptions{to: -1})
 }
 
-func build(cfg Config, src TensorSource, o loadOptions) (*Model, error) {
-	m := &Model{Config: cfg, Layers: make([]*Layer, cfg.Layers), rope: &ropeCache{}}
+// layerPrefix names the tensors of layer l.
+func layerPrefix(l int) string { return fmt.Sprintf("model.layers.%d.", l) }
+
+// checkLayerCount checks that src holds the last layer cfg names, so that a config claiming
+// more layers than the weights hold is refused before anything is sized by it.
+func checkLayerCount(cfg Config, src TensorSource) error {
+	name := layerPrefix(cfg.Layers-1) + "input_layernorm.weight"
+	if _, ok := src.Shape(name); !ok {
+		return fmt.Errorf("%w: config.json says num_hidden_layers %d but tensor %s is missing", ErrWeights, cfg.Layers, name)
+	}
+	return nil
+}
+
+func build(ctx context.Context, cfg Config, src TensorSource, o loadOptions) (*Model, error) {
 	from, to := o.from, o.to
 	if to < 0 {
 		to = cfg.Layers
@@ -109,13 +132,17 @@ func build(cfg Config, src TensorSource, o loadOptions) (*Model, error) {
 	if to > cfg.Layers {
 		return nil, fmt.Errorf("%w: layers [%d, %d) requested but the model has %d", ErrConfig, from, to, cfg.Layers)
 	}
-	r := reader{src: src, log: o.readLog}
+	if err := checkLayerCount(cfg, src); err != nil {
+		return nil, err
+	}
+	m := &Model{Config: cfg, Layers: make([]*Layer, cfg.Layers), rope: &ropeCache{}}
+	r := reader{ctx: ctx, src: src, log: o.readLog}
 	d, hd := cfg.Dim, cfg.HeadDim
 	if !o.noEmbed {
 		m.Embed = r.matrix("model.embed_tokens.weight", cfg.Vocab, d)
 	}
-	for l := from; l < to; l++ {
-		p := fmt.Sprintf("model.layers.%d.", l)
+	for l := from; l < to && r.err == nil; l++ {
+		p := layerPrefix(l)
 		ly := &Layer{
 			AttnNorm: r.vector(p+"input_layernorm.weight", d),
 			Wq:       r.matrix(p+"self_attn.q_proj.weight", cfg.Heads*hd, d),
@@ -132,6 +159,10 @@ func build(cfg Config, src TensorSource, o loadOptions) (*Model, error) {
 			ly.Bk = r.vector(p+"self_attn.k_proj.bias", cfg.KVHeads*hd)
 			ly.Bv = r.vector(p+"self_attn.v_proj.bias", cfg.KVHeads*hd)
 		}
+		if cfg.QKNorm {
+			ly.QNorm = r.vector(p+"self_attn.q_norm.weight", hd)
+			ly.KNorm = r.vector(p+"self_attn.k_norm.weight", hd)
+		}
 		m.Layers[l] = ly
 	}
 	if !o.noHead {
@@ -146,32 +177,52 @@ func build(cfg Config, src TensorSource, o loadOptions) (*Model, error) {
 		}
 	}
 	if ps := cfg.LinearPatch; ps != nil {
-		m.Patch = &Patch{Before: ps.Before, P: r.matrix(ps.Tensor, d, d)}
+		// The patch is multiplied as a right-hand side of Mul, which wants float32.
+		m.Patch = &Patch{Before: ps.Before, P: r.matrixF32(ps.Tensor, d, d)}
 	}
 	if r.err != nil {
 		return nil, r.err
 	}
+	m.VectorDType = r.vectorDType()
 	return m, nil
 }
 
-// reader reads tensors from a source and checks their shapes, keeping the first error.
+// reader reads tensors from a source and checks their shapes, keeping the first error;
+// once ctx ends it reads nothing more and keeps ctx's error.
 type reader struct {
+	ctx context.Context
 	src TensorSource
 	log *[]string
 	err error
+
+	vecDType tensor.DType // stored dtype shared by the vectors read so far
+	vecMixed bool         // the vectors read so far do not share one dtype
+	vecsSeen bool
 }
 
-func (r *reader) read(name string, shape ...int) []float32 {
+// check reports whether name exists with the given shape, recording an error otherwise.
+func (r *reader) check(name string, shape ...int) bool {
 	if r.err != nil {
-		return nil
+		return false
+	}
+	if err := r.ctx.Err(); err != nil {
+		r.err = fmt.Errorf("model: loading stopped before %s: %w", name, err)
+		return false
 	}
 	got, ok := r.src.Shape(name)
 	if !ok {
 		r.err = fmt.Errorf("%w: tensor %s is missing", ErrWeights, name)
-		return nil
+		return false
 	}
 	if !sameShape(got, shape) {
 		r.err = fmt.Errorf("%w: tensor %s has shape %v, config.json implies %v", ErrWeights, name, got, shape)
+		return false
+	}
+	return true
+}
+
+func (r *reader) read(name string, shape ...int) []float32 {
+	if !r.check(name, shape...) {
 		return nil
 	}
 	data, _, err := r.src.ReadTensor(name)
@@ -179,13 +230,35 @@ func (r *reader) read(name string, shape ...int) []float32 {
 		r.err = err
 		return nil
 	}
-	if r.log != nil {
-		*r.log = append(*r.log, name)
-	}
+	r.logRead(name)
 	return data
 }
 
+func (r *reader) logRead(name string) {
+	if r.log != nil {
+		*r.log = append(*r.log, name)
+	}
+}
+
+// matrix reads a weight matrix, kept in its stored dtype: a BF16 or F16 tensor of a source
+// that can hand out its bits (safetensors) stays half precision, anything else is float32.
 func (r *reader) matrix(name string, rows, cols int) *tensor.Matrix {
+	if hr, ok := r.src.(halfReader); ok && r.check(name, rows, cols) {
+		dt, data, owner, ok, err := hr.readHalf(name)
+		if err != nil {
+			r.err = err
+			return nil
+		}
+		if ok {
+			r.logRead(name)
+			return tensor.FromHalf(rows, cols, dt, data, owner)
+		}
+	}
+	return r.matrixF32(name, rows, cols)
+}
+
+// matrixF32 reads a matrix widened to float32 whatever its stored dtype.
+func (r *reader) matrixF32(name string, rows, cols int) *tensor.Matrix {
 	data := r.read(name, rows, cols)
 	if data == nil {
 		return nil
@@ -193,7 +266,34 @@ func (r *reader) matrix(name string, rows, cols int) *tensor.Matrix {
 	return tensor.FromData(rows, cols, data)
 }
 
-func (r *reader) vector(name string, n int) []float32 { return r.read(name, n) }
+// vector reads a 1-D tensor as float32 (norm weights and biases are small) and notes its
+// stored dtype for Model.VectorDType.
+func (r *reader) vector(name string, n int) []float32 {
+	v := r.read(name, n)
+	if v == nil {
+		return nil
+	}
+	dt := tensor.F32
+	if d, ok := r.src.(dtyper); ok {
+		if s, ok := d.DType(name); ok {
+			dt, _ = tensor.ParseDType(s)
+		}
+	}
+	if r.vecsSeen && dt != r.vecDType {
+		r.vecMixed = true
+	}
+	r.vecDType, r.vecsSeen = dt, true
+	return v
+}
+
+// vectorDType is the dtype Save should write the vectors in: the stored one when every
+// vector read had the same, else float32 (which holds any of them exactly).
+func (r *reader) vectorDType() tensor.DType {
+	if r.vecMixed {
+		return tensor.F32
+	}
+	return r.vecDType
+}
 
 func sameShape(got, want []int) bool {
 	if len(got) != len(want) {
@@ -208,7 +308,8 @@ func sameShape(got, want []int) bool {
 }
 
 // ReadModelConfig returns the configuration of the model at path without keeping its
-// weights: config.json of a Hugging Face directory, the header of a llama2.c checkpoint.
+// weights: config.json of a Hugging Face directory (its layer count checked against the
+// tensors the safetensors headers list), the header of a llama2.c checkpoint.
 func ReadModelConfig(path string) (Config, error) {
 	if path == "" {
 		return Config{}, fmt.Errorf("%w: no model path given", ErrConfig)
@@ -218,7 +319,21 @@ func ReadModelConfig(path string) (Config, error) {
 		return Config{}, fmt.Errorf("model: %w", err)
 	}
 	if st.IsDir() {
-		return ReadConfig(filepath.Join(path, "config.json"))
+		cfg, err := ReadConfig(filepath.Join(path, "config.json"))
+		if err != nil {
+			return Config{}, err
+		}
+		// The layer count sizes the callers' plans and statistics: check it against the
+		// tensors present (headers only) before anyone allocates by it.
+		src, err := OpenSafetensorsDir(path)
+		if err != nil {
+			return Config{}, err
+		}
+		defer src.Close()
+		if err := checkLayerCount(cfg, src); err != nil {
+			return Config{}, fmt.Errorf("%s: %w", path, err)
+		}
+		return cfg, nil
 	}
 	cfg, src, err := OpenLlama2c(path)
 	if err != nil {

@@ -8,6 +8,8 @@ type Layer struct {
 	AttnNorm   []float32      // input_layernorm.weight, d
 	Wq, Wk, Wv *tensor.Matrix // [heads·hd, d], [kv·hd, d], [kv·hd, d]
 	Bq, Bk, Bv []float32      // q/k/v biases (Qwen2); nil when absent
+	QNorm      []float32      // q_norm.weight, hd: per-head RMSNorm of q before RoPE (Qwen3); nil when absent
+	KNorm      []float32      // k_norm.weight, hd: the same for k
 	Wo         *tensor.Matrix // [d, heads·hd]
 	MLPNorm    []float32      // post_attention_layernorm.weight, d
 	Wgate, Wup *tensor.Matrix // [ffn, d]
@@ -25,6 +27,11 @@ type Model struct {
 	Head   *tensor.Matrix // [vocab, d]; aliases Embed when TiedHead
 
 	Patch *Patch // a linear patch applied inside the layer stack; nil for none
+
+	// VectorDType is the dtype the checkpoint stored the norm weights and biases in, when
+	// they all shared one (F32 otherwise, and for models not read from safetensors). They
+	// are held as float32 (widened exactly); Save writes them back in this dtype.
+	VectorDType tensor.DType
 
 	rope *ropeCache // rotary tables, shared by views of the same weights
 }

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"linearpatch/model/tensor"
 	"math"
 	"os"
 	"path/filepath"
@@ -19,6 +18,9 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+
+	"linearpatch/internal/atomicfile"
+	"linearpatch/model/tensor"
 )
 
 // ErrSafetensors is wrapped by every error about a malformed or unsupported safetensors file
@@ -64,9 +66,11 @@ type stTensor struct {
 	begin, end int64 // absolute byte offsets in the file
 }
 
-// SafetensorsFile is an open safetensors file whose header has been read and validated;
-// tensor data is read on demand with ReadAt, never mapped or read whole.
-// It implements TensorSource and is safe for concurrent reads.
+// SafetensorsFile is an open safetensors file whose header has been read and validated.
+// ReadTensor reads float32 copies on demand with ReadAt. The file is also memory-mapped
+// read-only when the platform allows, so that half-precision tensors can be handed to the
+// loader in place (see readHalf in safetensors_half.go); the mapping outlives Close for as
+// long as a matrix uses it. It implements TensorSource and is safe for concurrent reads.
 type SafetensorsFile struct {
 	path    string
 	r       io.ReaderAt
@@ -74,6 +78,7 @@ type SafetensorsFile struct {
 	tensors map[string]stTensor
 	meta    map[string]string
 	closed  atomic.Bool
+	mapping *fileMapping // nil when the file is not mapped
 }
 
 // OpenSafetensors opens path and validates its header: the length prefix, the JSON, every
@@ -99,6 +104,12 @@ func OpenSafetensors(path string) (*SafetensorsFile, error) {
 		return nil, err
 	}
 	s.c = f
+	for _, t := range s.tensors {
+		if t.dtype != "F32" { // only half-precision tensors are used in place
+			s.mapping = newFileMapping(f, st.Size()) // nil when it cannot be mapped: reads then copy
+			break
+		}
+	}
 	return s, nil
 }
 
@@ -331,6 +342,7 @@ func (s *SafetensorsFile) Close() error {
 	if s.closed.Swap(true) {
 		return nil
 	}
+	s.mapping = nil // unmapped once no matrix holds it either
 	if s.c != nil {
 		return s.c.Close()
 	}
@@ -364,12 +376,14 @@ func stDecode(dtype string, b []byte) []float32 {
 
 // NamedTensor is one tensor to write: row-major Data of the given Shape (len(Data) must be
 // the product of Shape; an empty Shape is a scalar). DType selects the on-disk type: "" or
-// "F32", or "F16" / "BF16" (rounded to nearest even).
+// "F32", or "F16" / "BF16" (rounded to nearest even). Half, when non-nil, replaces Data:
+// the tensor's F16 or BF16 bits (DType must name which), written unchanged.
 type NamedTensor struct {
 	Name  string
 	Shape []int
 	Data  []float32
 	DType string
+	Half  []uint16
 }
 
 // WriteSafetensors writes tensors, in the given order, and metadata as a safetensors file.
@@ -383,31 +397,8 @@ func WriteSafetensors(path string, tensors []NamedTensor, metadata map[string]st
 	if err != nil {
 		return err
 	}
-	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("model: write safetensors %s: %w", path, err)
-	}
-	tmp := f.Name()
-	err = stWriteBody(f, header, tensors)
-	if err == nil {
-		err = f.Chmod(0o644)
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("model: write safetensors %s: %w", path, err)
-	}
-	if d, err := os.Open(filepath.Dir(path)); err == nil { // make the rename durable; best effort
-		d.Sync()
-		d.Close()
+	if err := atomicfile.WriteFunc(path, 0o644, func(w io.Writer) error { return stWriteBody(w, header, tensors) }); err != nil {
+		return fmt.Errorf("model: safetensors: %w", err)
 	}
 	return nil
 }
@@ -444,9 +435,19 @@ func stHeader(path string, tensors []NamedTensor, metadata map[string]string) ([
 			return nil, bad("tensor %q appears twice", t.Name)
 		}
 		seen[t.Name] = true
-		n, ok := stElems(t.Shape, len(t.Data))
-		if !ok || n != len(t.Data) {
-			return nil, bad("tensor %q: %d values for shape %v", t.Name, len(t.Data), t.Shape)
+		have := len(t.Data)
+		if t.Half != nil {
+			if dtype != "F16" && dtype != "BF16" {
+				return nil, bad("tensor %q: half-precision bits with dtype %q", t.Name, dtype)
+			}
+			if t.Data != nil {
+				return nil, bad("tensor %q: both float32 values and half-precision bits", t.Name)
+			}
+			have = len(t.Half)
+		}
+		n, ok := stElems(t.Shape, have)
+		if !ok || n != have {
+			return nil, bad("tensor %q: %d values for shape %v", t.Name, have, t.Shape)
 		}
 		name, _ := json.Marshal(t.Name) // marshalling a string cannot fail
 		shape := t.Shape
@@ -501,6 +502,13 @@ func stWriteBody(w io.Writer, header []byte, tensors []NamedTensor) error {
 	bw.Write(header)
 	var buf [4]byte
 	for _, t := range tensors {
+		if t.Half != nil {
+			for _, v := range t.Half {
+				binary.LittleEndian.PutUint16(buf[:], v)
+				bw.Write(buf[:2])
+			}
+			continue
+		}
 		switch t.DType {
 		case "", "F32":
 			for _, v := range t.Data {
@@ -609,18 +617,27 @@ func (d *safetensorsDir) Shape(name string) ([]int, bool) {
 }
 
 func (d *safetensorsDir) ReadTensor(name string) ([]float32, []int, error) {
-	file, ok := d.weightMap[name]
-	if !ok {
-		return nil, nil, fmt.Errorf("%w: %q in %s", ErrTensorNotFound, name, d.index)
-	}
-	s, err := d.shard(file)
+	s, err := d.shardOf(name)
 	if err != nil {
 		return nil, nil, err
 	}
-	if _, ok := s.tensors[name]; !ok {
-		return nil, nil, fmt.Errorf("%w: %s: index maps tensor %q to %s, which lacks it", ErrSafetensors, d.index, name, file)
-	}
 	return s.ReadTensor(name)
+}
+
+// shardOf returns the open shard that holds name.
+func (d *safetensorsDir) shardOf(name string) (*SafetensorsFile, error) {
+	file, ok := d.weightMap[name]
+	if !ok {
+		return nil, fmt.Errorf("%w: %q in %s", ErrTensorNotFound, name, d.index)
+	}
+	s, err := d.shard(file)
+	if err != nil {
+		return nil, err
+	}
+	if _, ok := s.tensors[name]; !ok {
+		return nil, fmt.Errorf("%w: %s: index maps tensor %q to %s, which lacks it", ErrSafetensors, d.index, name, file)
+	}
+	return s, nil
 }
 
 // Close closes every shard opened so far.

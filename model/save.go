@@ -5,13 +5,18 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+
+	"linearpatch/internal/atomicfile"
+	"linearpatch/model/tensor"
 )
 
 // PatchTensorName is the tensor under which an exported model stores its linear patch.
 const PatchTensorName = "model.linear_patch.weight"
 
 // Save writes m as a Hugging Face directory into dir (created if missing): config.json and
-// model.safetensors (F32). All parts must be loaded. A llama2.c model is written with the
+// model.safetensors. Weight matrices keep their dtype (a BF16 or F16 matrix is written
+// bit for bit), vectors are written in m.VectorDType (exact: they were widened from it), and
+// the patch is F32. All parts must be loaded. A llama2.c model is written with the
 // "llama" model_type (its rotary layout was converted on load). A patch, when present, is
 // stored as PatchTensorName and announced by the "linear_patch" key of config.json. Files
 // are written atomically; callers that need the whole directory to appear at once write
@@ -24,48 +29,64 @@ func (m *Model) Save(dir string) error {
 		return fmt.Errorf("model: save: %w", err)
 	}
 	var ts []NamedTensor
+	// add writes a vector (or, through addMat, a float32 matrix) in m.VectorDType.
 	add := func(name string, data []float32, shape ...int) {
-		ts = append(ts, NamedTensor{Name: name, Shape: shape, Data: data})
+		ts = append(ts, NamedTensor{Name: name, Shape: shape, Data: data, DType: m.VectorDType.String()})
+	}
+	addMat := func(name string, w *tensor.Matrix) {
+		t := NamedTensor{Name: name, Shape: []int{w.Rows, w.Cols}, Data: w.Data}
+		if w.IsHalf() {
+			t.Data, t.Half, t.DType = nil, w.Half, w.DType.String()
+		}
+		ts = append(ts, t)
 	}
 	c := m.Config
-	add("model.embed_tokens.weight", m.Embed.Data, c.Vocab, c.Dim)
+	addMat("model.embed_tokens.weight", m.Embed)
 	for l, ly := range m.Layers {
 		if ly == nil {
 			return fmt.Errorf("model: save: layer %d was not loaded", l)
 		}
 		p := fmt.Sprintf("model.layers.%d.", l)
 		add(p+"input_layernorm.weight", ly.AttnNorm, c.Dim)
-		add(p+"self_attn.q_proj.weight", ly.Wq.Data, ly.Wq.Rows, ly.Wq.Cols)
-		add(p+"self_attn.k_proj.weight", ly.Wk.Data, ly.Wk.Rows, ly.Wk.Cols)
-		add(p+"self_attn.v_proj.weight", ly.Wv.Data, ly.Wv.Rows, ly.Wv.Cols)
+		addMat(p+"self_attn.q_proj.weight", ly.Wq)
+		addMat(p+"self_attn.k_proj.weight", ly.Wk)
+		addMat(p+"self_attn.v_proj.weight", ly.Wv)
 		if ly.Bq != nil {
 			add(p+"self_attn.q_proj.bias", ly.Bq, len(ly.Bq))
 			add(p+"self_attn.k_proj.bias", ly.Bk, len(ly.Bk))
 			add(p+"self_attn.v_proj.bias", ly.Bv, len(ly.Bv))
 		}
-		add(p+"self_attn.o_proj.weight", ly.Wo.Data, ly.Wo.Rows, ly.Wo.Cols)
+		if ly.QNorm != nil {
+			add(p+"self_attn.q_norm.weight", ly.QNorm, len(ly.QNorm))
+			add(p+"self_attn.k_norm.weight", ly.KNorm, len(ly.KNorm))
+		}
+		addMat(p+"self_attn.o_proj.weight", ly.Wo)
 		add(p+"post_attention_layernorm.weight", ly.MLPNorm, c.Dim)
-		add(p+"mlp.gate_proj.weight", ly.Wgate.Data, ly.Wgate.Rows, ly.Wgate.Cols)
-		add(p+"mlp.up_proj.weight", ly.Wup.Data, ly.Wup.Rows, ly.Wup.Cols)
-		add(p+"mlp.down_proj.weight", ly.Wdown.Data, ly.Wdown.Rows, ly.Wdown.Cols)
+		addMat(p+"mlp.gate_proj.weight", ly.Wgate)
+		addMat(p+"mlp.up_proj.weight", ly.Wup)
+		addMat(p+"mlp.down_proj.weight", ly.Wdown)
 	}
 	add("model.norm.weight", m.Norm, c.Dim)
 	if !c.TiedHead {
-		add("lm_head.weight", m.Head.Data, c.Vocab, c.Dim)
+		addMat("lm_head.weight", m.Head)
 	}
 	var spec *PatchSpec
 	if m.Patch != nil {
 		spec = &PatchSpec{Before: m.Patch.Before, Tensor: PatchTensorName}
-		add(PatchTensorName, m.Patch.P.Data, c.Dim, c.Dim)
+		ts = append(ts, NamedTensor{Name: PatchTensorName, Shape: []int{c.Dim, c.Dim}, Data: m.Patch.P.Data})
 	}
 	if err := WriteSafetensors(filepath.Join(dir, "model.safetensors"), ts, map[string]string{"format": "pt"}); err != nil {
 		return err
 	}
-	cfg, err := json.MarshalIndent(m.Config.hf(spec), "", "  ")
+	hf := m.Config.hf(spec)
+	if m.Embed.IsHalf() {
+		hf["torch_dtype"] = map[tensor.DType]string{tensor.BF16: "bfloat16", tensor.F16: "float16"}[m.Embed.DType]
+	}
+	cfg, err := json.MarshalIndent(hf, "", "  ")
 	if err != nil {
 		return fmt.Errorf("model: save: %w", err)
 	}
-	return writeFileAtomic(filepath.Join(dir, "config.json"), append(cfg, '\n'))
+	return atomicfile.Write(filepath.Join(dir, "config.json"), append(cfg, '\n'), 0o644)
 }
 
 // hf returns the config.json form of c.
@@ -74,7 +95,7 @@ func (c Config) hf(patch *PatchSpec) map[string]any {
 	if arch == "llama2c" {
 		arch = "llama"
 	}
-	archName := map[string]string{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
+	archName := map[string]string{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
 	out := map[string]any{
 		"architectures":           []string{archName},
 		"model_type":              arch,
@@ -93,38 +114,19 @@ func (c Config) hf(patch *PatchSpec) map[string]any {
 		"bos_token_id":            c.BOS,
 		"eos_token_id":            c.EOS,
 		"torch_dtype":             "float32",
-		"attention_bias":          c.QKVBias,
+		"attention_bias":          false, // Qwen2's q/k/v biases come with its model_type
 	}
 	if c.Scaling != nil {
 		out["rope_scaling"] = c.Scaling
+	}
+	if arch == "mistral" { // an absent key would mean transformers' default window, 4096
+		out["sliding_window"] = nil
+		if c.SlidingWindow > 0 {
+			out["sliding_window"] = c.SlidingWindow
+		}
 	}
 	if patch != nil {
 		out["linear_patch"] = patch
 	}
 	return out
-}
-
-// writeFileAtomic writes data to path through a temporary file in the same directory,
-// synced and renamed, so readers see either the old file or the whole new one.
-func writeFileAtomic(path string, data []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("model: write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("model: write %s: %w", path, err)
-	}
-	return nil
 }

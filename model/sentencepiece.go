@@ -48,6 +48,8 @@ type SentencePiece struct {
 	unk, bos, eos int
 
 	addDummyPrefix, removeExtraSpaces, escapeSpaces bool
+
+	chunkPairs spPairs // character pairs inside pieces: where a long text may not be cut
 }
 
 var _ Tokenizer = (*SentencePiece)(nil)
@@ -286,6 +288,7 @@ func (sp *SentencePiece) init(tr spTrainer, norm spNormalizer) error {
 			sp.hasUnused = true
 		}
 	}
+	sp.chunkPairs = sp.buildPairs()
 	return nil
 }
 
@@ -294,6 +297,9 @@ func (sp *SentencePiece) VocabSize() int { return len(sp.pieces) }
 
 // BOS returns the begin-of-sequence id (-1: none).
 func (sp *SentencePiece) BOS() int { return sp.bos }
+
+// DocumentStart returns the BOS id (-1: none).
+func (sp *SentencePiece) DocumentStart() int { return sp.bos }
 
 // EOS returns the end-of-sequence id (-1: none).
 func (sp *SentencePiece) EOS() int { return sp.eos }
@@ -367,6 +373,14 @@ func (sp *SentencePiece) Encode(text string) []int {
 	if norm == "" {
 		return []int{}
 	}
+	if len(norm) > spChunkBytes && !sp.hasUnused {
+		return sp.encodeChunked(norm, spChunkBytes)
+	}
+	return sp.encodeNormalized(norm)
+}
+
+// encodeNormalized encodes normalized text as one BPE segmentation.
+func (sp *SentencePiece) encodeNormalized(norm string) []int {
 	if len(norm) > math.MaxInt32 {
 		panic("model: SentencePiece.Encode: line longer than 2 GiB")
 	}

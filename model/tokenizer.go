@@ -1,6 +1,7 @@
 package model
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -21,6 +22,36 @@ type Tokenizer interface {
 	// BOS and EOS are the begin- and end-of-sequence ids, or -1 when the tokenizer has none.
 	BOS() int
 	EOS() int
+	// DocumentStart is the id put in front of every document (the lines protocol), of the
+	// joined text (the join protocol) and of every multiple-choice context: the tokenizer's
+	// own BOS, else the model's config.json bos_token_id (LoadTokenizer fills it in), or -1
+	// when there is neither.
+	DocumentStart() int
+}
+
+// docStartTokenizer is a tokenizer without its own BOS whose document start comes from
+// the model's config.json.
+type docStartTokenizer struct {
+	Tokenizer
+	start int
+}
+
+func (t docStartTokenizer) DocumentStart() int { return t.start }
+
+// configBOS reads bos_token_id from dir/config.json: -1 when the file or the key is
+// missing or null.
+func configBOS(dir string) int {
+	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
+	if err != nil {
+		return -1
+	}
+	var h struct {
+		BOS json.RawMessage `json:"bos_token_id"`
+	}
+	if json.Unmarshal(b, &h) != nil {
+		return -1
+	}
+	return firstTokenID(h.BOS, -1)
 }
 
 var (
@@ -30,14 +61,20 @@ var (
 	ErrNoTokenizer = errors.New("model: no tokenizer")
 )
 
+// TokenizerFiles are the tokenizer files of a Hugging Face directory, which a model derived
+// from it (an export) copies.
+var TokenizerFiles = []string{hfTokenizerFile, hfTokenizerConfigFile, sentencePieceFile}
+
 // Tokenizer file names looked up by LoadTokenizer.
 const (
+	hfTokenizerJSON   = hfTokenizerFile // preferred over tokenizer.model
 	sentencePieceFile = "tokenizer.model"
 	llama2cTokFile    = "tokenizer.bin"
 )
 
 // LoadTokenizer finds and loads the tokenizer of the model at modelPath: a Hugging Face
-// directory (or a file in one) holding a SentencePiece tokenizer.model, or a llama2.c .bin
+// directory (or a file in one) holding a tokenizer.json (LoadHFTokenizer; preferred) or a
+// SentencePiece tokenizer.model, or a llama2.c .bin
 // checkpoint with a tokenizer.bin beside it (which stores no vocabulary size: vocab, the
 // model's, is used). When vocab > 0 a tokenizer with more pieces than vocab is an error
 // (ErrTokenizer), since its ids would index past the embeddings. When no tokenizer file
@@ -65,17 +102,29 @@ func LoadTokenizer(modelPath string, vocab int) (Tokenizer, error) {
 			tok = t
 		}
 	}
+	if tok == nil && isRegular(filepath.Join(dir, hfTokenizerJSON)) {
+		t, err := LoadHFTokenizer(dir)
+		if err != nil {
+			return nil, err
+		}
+		tok = t
+	}
 	if tok == nil {
 		p := filepath.Join(dir, sentencePieceFile)
 		if !isRegular(p) {
-			return nil, fmt.Errorf("%w: %s has no %s (or %s beside a llama2.c .bin); use token data (JSON Lines with input_ids)",
-				ErrNoTokenizer, modelPath, sentencePieceFile, llama2cTokFile)
+			return nil, fmt.Errorf("%w: %s has no %s or %s (or %s beside a llama2.c .bin); use token data (JSON Lines with input_ids)",
+				ErrNoTokenizer, modelPath, hfTokenizerJSON, sentencePieceFile, llama2cTokFile)
 		}
 		t, err := LoadSentencePiece(p)
 		if err != nil {
 			return nil, err
 		}
 		tok = t
+	}
+	if tok.DocumentStart() < 0 {
+		if id := configBOS(dir); id >= 0 {
+			tok = docStartTokenizer{Tokenizer: tok, start: id}
+		}
 	}
 	if vocab > 0 && tok.VocabSize() > vocab {
 		return nil, fmt.Errorf("%w: %s: tokenizer has %d pieces, more than the model's vocabulary %d",
@@ -109,58 +158,16 @@ type bpePair struct {
 	id          int32
 }
 
-// bpeHeap is a max-heap of candidates: the highest score first, ties to the leftmost.
-type bpeHeap []bpePair
-
-func (h bpeHeap) less(i, j int) bool { // i before j
-	if h[i].score != h[j].score {
-		return h[i].score > h[j].score
+// before orders merge candidates: the highest score first, ties to the leftmost.
+func (p bpePair) before(q bpePair) bool {
+	if p.score != q.score {
+		return p.score > q.score
 	}
-	return h[i].left < h[j].left
+	return p.left < q.left
 }
 
-func (h *bpeHeap) push(p bpePair) {
-	*h = append(*h, p)
-	a := *h
-	for i := len(a) - 1; i > 0; {
-		parent := (i - 1) / 2
-		if !a.less(i, parent) {
-			break
-		}
-		a[i], a[parent] = a[parent], a[i]
-		i = parent
-	}
-}
-
-// down restores the heap order below i.
-func (h bpeHeap) down(i int) {
-	n := len(h)
-	for {
-		l := 2*i + 1
-		if l >= n {
-			return
-		}
-		m := l
-		if r := l + 1; r < n && h.less(r, l) {
-			m = r
-		}
-		if !h.less(m, i) {
-			return
-		}
-		h[i], h[m] = h[m], h[i]
-		i = m
-	}
-}
-
-func (h *bpeHeap) pop() bpePair {
-	a := *h
-	top := a[0]
-	n := len(a) - 1
-	a[0] = a[n]
-	*h = a[:n]
-	h.down(0)
-	return top
-}
+// bpeHeap holds the merge candidates of one text.
+type bpeHeap = mergeHeap[bpePair]
 
 // bpeMerger merges adjacent symbols greedily, as sentencepiece's bpe_model.cc does: always
 // the adjacent pair whose concatenation is a piece with the highest score, ties to the

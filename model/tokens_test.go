@@ -100,9 +100,10 @@ func (fakeTokenizer) Decode(ids []int) string {
 	}
 	return string(b)
 }
-func (fakeTokenizer) VocabSize() int { return 259 }
-func (fakeTokenizer) BOS() int       { return 1 }
-func (fakeTokenizer) EOS() int       { return 2 }
+func (fakeTokenizer) VocabSize() int     { return 259 }
+func (fakeTokenizer) BOS() int           { return 1 }
+func (fakeTokenizer) DocumentStart() int { return 1 }
+func (fakeTokenizer) EOS() int           { return 2 }
 
 func writeData(t *testing.T, name, content string) string {
 	t.Helper()
@@ -249,7 +250,7 @@ func FuzzReadTokenStream(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		stream, err := readTokenStream(bytes.NewReader(data), "fuzz.jsonl", formatJSONL, nil, 512)
+		stream, err := readTokenStream(bytes.NewReader(data), "fuzz.jsonl", FormatJSONL, nil, 512)
 		if err != nil {
 			if !errors.Is(err, ErrData) {
 				t.Fatalf("error does not wrap ErrData: %v", err)
@@ -277,7 +278,7 @@ func FuzzReadTokenStream(f *testing.F) {
 				}
 			}
 		}
-		stream, err = readTokenStream(bytes.NewReader(data), "fuzz", formatAuto, sp, 1024)
+		stream, err = readTokenStream(bytes.NewReader(data), "fuzz", FormatText, sp, 1024)
 		if err != nil && !errors.Is(err, ErrData) {
 			t.Fatalf("sniffed: error does not wrap ErrData: %v", err)
 		}

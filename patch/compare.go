@@ -31,7 +31,8 @@ const DenseName = "dense"
 // (windows protocol: every window from position 0, all seq-len−1 predictions). The layers
 // before the cut run once per batch and are shared by all variants. KL and top-1 compare
 // each prediction's distribution with the dense model's. progress, when non-nil, gets the
-// number of windows done.
+// number of windows done. A score that comes out NaN or infinite is an error wrapping
+// model.ErrNotFinite that names the variant.
 func Compare(ctx context.Context, m *model.Model, windows [][]int, start, end int, variants []Variant, progress func(done int)) (map[string]Score, error) {
 	if err := m.CheckBlock(start, end); err != nil {
 		return nil, err
@@ -59,20 +60,26 @@ func Compare(ctx context.Context, m *model.Model, windows [][]int, start, end in
 		}
 		batch := windows[lo:min(lo+bs, len(windows))]
 		xi := m.Embeddings(batch)
-		m.RunLayers(xi, T, 0, start, nil)
+		if err := m.RunLayersContext(ctx, xi, T, 0, start, nil); err != nil {
+			return nil, err
+		}
 
 		dense := xi.Clone()
-		m.RunLayers(dense, T, start, L, nil)
-		ref := newRefDist(m.Logits(dense), batch)
+		if err := m.RunLayersContext(ctx, dense, T, start, L, nil); err != nil {
+			return nil, err
+		}
+		ref := newRefDist(m.LogitsSeq(dense, T), batch)
 		acc[DenseName].add(ref, nil, batch)
 
 		for _, v := range variants {
 			x := xi.Clone()
 			if v.P != nil {
-				tensor.Mul(x, xi, v.P)
+				tensor.MulSeq(x, xi, v.P, T)
 			}
-			m.RunLayers(x, T, end, L, nil)
-			acc[v.Name].add(ref, m.Logits(x), batch)
+			if err := m.RunLayersContext(ctx, x, T, end, L, nil); err != nil {
+				return nil, err
+			}
+			acc[v.Name].add(ref, m.LogitsSeq(x, T), batch)
 		}
 		if progress != nil {
 			progress(lo + len(batch))
@@ -80,7 +87,13 @@ func Compare(ctx context.Context, m *model.Model, windows [][]int, start, end in
 	}
 	out := make(map[string]Score, len(acc))
 	for n, a := range acc {
-		out[n] = a.score()
+		sc := a.score()
+		for _, v := range []float64{sc.PPL, sc.NLL, sc.KL} {
+			if math.IsNaN(v) || math.IsInf(v, 0) {
+				return nil, fmt.Errorf("%w: %s scores NLL %v, KL %v on the evaluation windows (its logits hold NaN or Inf)", model.ErrNotFinite, n, sc.NLL, sc.KL)
+			}
+		}
+		out[n] = sc
 	}
 	return out, nil
 }

@@ -22,15 +22,16 @@ var ErrExists = errors.New("patch: output directory already exists")
 type Record struct {
 	FormatVersion int              `json:"format_version"`
 	Source        SourceModel      `json:"source"`
-	Start         int              `json:"start"`           // first removed layer i (original numbering)
-	End           int              `json:"end"`             // first kept layer after the cut j
-	NumPrune      int              `json:"num_prune"`       // j − i
-	Method        string           `json:"method"`          // none, diag, rotate, lstsq or kd
-	PatchTensor   string           `json:"patch_tensor"`    // tensor name in model.safetensors; "" for none
-	PatchBefore   int              `json:"patch_before"`    // pruned-model layer whose input the patch transforms
-	Scale         []float64        `json:"scale,omitempty"` // s of diag/rotate
-	Hadamard      string           `json:"hadamard,omitempty"`
-	Cosine        []float64        `json:"cosine"` // mean per-token cosine of X_i and X_{i+n}, i = 0..L−n
+	Start         int              `json:"start"`                 // first removed layer i (original numbering)
+	End           int              `json:"end"`                   // first kept layer after the cut j
+	NumPrune      int              `json:"num_prune"`             // j − i
+	Method        string           `json:"method"`                // none, diag, rotate, lstsq or kd
+	PatchTensor   string           `json:"patch_tensor"`          // tensor name in model.safetensors; "" for none
+	PatchBefore   int              `json:"patch_before"`          // pruned-model layer whose input the patch transforms
+	Scale         []float64        `json:"scale,omitempty"`       // s of diag/rotate
+	Hadamard      string           `json:"hadamard,omitempty"`    // H's construction when Method or InitMethod is rotate; set by Export
+	InitMethod    string           `json:"init_method,omitempty"` // for kd: the training-free patch P was distilled from
+	Cosine        []float64        `json:"cosine"`                // mean per-token cosine of X_i and X_{i+n}, i = 0..L−n
 	Calibration   Calibration      `json:"calibration"`
 	Ridge         float64          `json:"ridge,omitempty"`
 	Eval          map[string]Score `json:"eval,omitempty"`
@@ -55,14 +56,29 @@ type Calibration struct {
 
 // Export writes the pruned model — layers [rec.Start, rec.End) of m removed, the rest
 // renumbered, P (nil for none) applied at the cut — as a Hugging Face directory at dir with
-// rec as linearpatch.json. Everything is written into a temporary sibling directory that
+// rec as linearpatch.json (Export fills its derived fields: format version, num_prune,
+// patch tensor and position, and the Hadamard construction of a rotate patch, so every
+// command writes the same record). Everything is written into a temporary sibling directory that
 // is renamed to dir at the end, so on error nothing appears at dir. dir must not exist.
 func Export(dir string, m *model.Model, P *tensor.Matrix, rec Record) error {
+	st, err := StageExport(dir, m, P, rec)
+	if err != nil {
+		return err
+	}
+	if err := st.Commit(); err != nil {
+		return fmt.Errorf("patch: export %s: %w", dir, err)
+	}
+	return nil
+}
+
+// StageExport is Export without the final rename: the caller commits the returned Staged
+// (or discards it) together with its other outputs.
+func StageExport(dir string, m *model.Model, P *tensor.Matrix, rec Record) (*Staged, error) {
 	if _, err := os.Stat(dir); err == nil {
-		return fmt.Errorf("%w: %s", ErrExists, dir)
+		return nil, fmt.Errorf("%w: %s", ErrExists, dir)
 	}
 	if err := m.CheckBlock(rec.Start, rec.End); err != nil {
-		return err
+		return nil, err
 	}
 	rec.FormatVersion = 1
 	rec.NumPrune = rec.End - rec.Start
@@ -71,17 +87,22 @@ func Export(dir string, m *model.Model, P *tensor.Matrix, rec Record) error {
 	if P != nil {
 		rec.PatchTensor = model.PatchTensorName
 	}
-	parent := filepath.Dir(filepath.Clean(dir))
-	if err := os.MkdirAll(parent, 0o755); err != nil {
-		return fmt.Errorf("patch: export: %w", err)
+	rec.Hadamard = ""
+	if rec.Method == string(MethodRotate) || rec.InitMethod == string(MethodRotate) {
+		h, err := NewHadamard(m.Dim)
+		if err != nil {
+			return nil, fmt.Errorf("patch: export: %w", err)
+		}
+		rec.Hadamard = h.Construction()
 	}
-	tmp, err := os.MkdirTemp(parent, "."+filepath.Base(dir)+".tmp-*")
+	st, err := stage(dir)
 	if err != nil {
-		return fmt.Errorf("patch: export: %w", err)
+		return nil, fmt.Errorf("patch: export: %w", err)
 	}
-	fail := func(err error) error {
-		os.RemoveAll(tmp)
-		return fmt.Errorf("patch: export %s: %w", dir, err)
+	tmp := st.Dir()
+	fail := func(err error) (*Staged, error) {
+		st.Discard()
+		return nil, fmt.Errorf("patch: export %s: %w", dir, err)
 	}
 	if err := m.Pruned(rec.Start, rec.End, P).Save(tmp); err != nil {
 		return fail(err)
@@ -93,13 +114,12 @@ func Export(dir string, m *model.Model, P *tensor.Matrix, rec Record) error {
 	if err := os.WriteFile(filepath.Join(tmp, RecordFile), append(b, '\n'), 0o644); err != nil {
 		return fail(err)
 	}
-	if err := copyIfExists(filepath.Join(rec.Source.Path, "tokenizer.model"), filepath.Join(tmp, "tokenizer.model")); err != nil {
-		return fail(err)
+	for _, f := range model.TokenizerFiles {
+		if err := copyIfExists(filepath.Join(rec.Source.Path, f), filepath.Join(tmp, f)); err != nil {
+			return fail(err)
+		}
 	}
-	if err := os.Rename(tmp, dir); err != nil {
-		return fail(err)
-	}
-	return nil
+	return st, nil
 }
 
 // ReadRecord reads linearpatch.json from an exported model directory.

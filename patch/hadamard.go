@@ -260,3 +260,16 @@ func hadamardFWHT(x []float64) {
 		}
 	}
 }
+
+// Construction names how H is built, for records and reports: "(H_m ⊗ S_n)/√d" with the
+// factor H_m on the left of the Kronecker product (so entry [i·n + a][j·n + b] is
+// H_m[i][j]·S_n[a][b]/√d), or "S_d/√d" when d is a power of two.
+func (h *Hadamard) Construction() string {
+	if h.m == 1 {
+		return fmt.Sprintf("S_%d/√%d: the Sylvester matrix in natural order, normalized", h.n, h.d)
+	}
+	f, _ := hadamardFactorFor(h.m)
+	kind := map[hadamardFactorKind]string{factorPaleyI: "Paley I", factorPaleyII: "Paley II", factorWilliamson: "Williamson"}[f.kind]
+	return fmt.Sprintf("(H_%d ⊗ S_%d)/√%d: the order-%d factor (%s) on the left of the Kronecker product, S_%d the Sylvester matrix in natural order, normalized",
+		h.m, h.n, h.d, h.m, kind, h.n)
+}

@@ -103,15 +103,19 @@ func ProfileCut(ctx context.Context, m *model.Model, h *Hadamard, windows [][]in
 		}
 		batch := windows[lo:min(lo+bs, len(windows))]
 		x := m.Embeddings(batch)
-		m.RunLayers(x, T, 0, start, nil)
+		if err := m.RunLayersContext(ctx, x, T, 0, start, nil); err != nil {
+			return nil, err
+		}
 		src := x.Clone()
-		m.RunLayers(x, T, start, end, nil)
+		if err := m.RunLayersContext(ctx, x, T, start, end, nil); err != nil {
+			return nil, err
+		}
 		pat := src
 		if P != nil {
 			if patched == nil || patched.Rows != src.Rows {
 				patched = tensor.New(src.Rows, d)
 			}
-			tensor.Mul(patched, src, P)
+			tensor.MulSeq(patched, src, P, T)
 			pat = patched
 		}
 		for _, s := range []struct {
@@ -179,8 +183,11 @@ type ReportInput struct {
 	AllowEdges bool             // whether starts 0 and L−n were candidates
 	Cosine     []float64        // mean cosine per candidate start 0..L−n
 	Scores     map[string]Score // may be nil (no --eval); keys dense/none/diag/rotate/lstsq
-	Profile    *CutProfile      // may be nil: no channel and token plots
-	Extra      []string         // free markdown lines appended (e.g. timings)
+	Protocol   string           // the perplexity protocol of Scores (lines or join)
+	// Tasks is the zero-shot accuracy per variant, keyed like Scores; nil: no --eval-tasks.
+	Tasks   map[string]model.TasksResult
+	Profile *CutProfile // may be nil: no channel and token plots
+	Extra   []string    // free markdown lines appended (e.g. timings)
 }
 
 // layers returns L, the depth of the original model.
@@ -219,52 +226,53 @@ func WriteReport(dir string, in ReportInput) error {
 // writeReport is WriteReport with a hook run on the temporary directory just before the
 // rename; an error from it fails the report (tests use it to check the clean-up).
 func writeReport(dir string, in ReportInput, beforeRename func(tmp string) error) error {
-	if dir == "" {
-		return fmt.Errorf("%w: empty report directory", ErrReport)
-	}
-	if _, err := os.Lstat(dir); err == nil {
-		return fmt.Errorf("%w: %s", ErrExists, dir)
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("patch: report: %w", err)
-	}
-	if err := in.validate(); err != nil {
+	st, err := StageReport(dir, in)
+	if err != nil {
 		return err
 	}
-	parent := filepath.Dir(filepath.Clean(dir))
-	if err := os.MkdirAll(parent, 0o755); err != nil {
-		return fmt.Errorf("patch: report: %w", err)
+	if beforeRename != nil {
+		if err := beforeRename(st.Dir()); err != nil {
+			st.Discard()
+			return fmt.Errorf("patch: report %s: %w", dir, err)
+		}
 	}
-	tmp, err := os.MkdirTemp(parent, "."+filepath.Base(dir)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("patch: report: %w", err)
-	}
-	fail := func(err error) error {
-		os.RemoveAll(tmp)
+	if err := st.Commit(); err != nil {
 		return fmt.Errorf("patch: report %s: %w", dir, err)
 	}
-	if err := os.Chmod(tmp, 0o755); err != nil {
-		return fail(err)
+	return nil
+}
+
+// StageReport is WriteReport without the final rename: the caller commits the returned
+// Staged (or discards it) together with its other outputs.
+func StageReport(dir string, in ReportInput) (*Staged, error) {
+	if dir == "" {
+		return nil, fmt.Errorf("%w: empty report directory", ErrReport)
 	}
-	images, err := writeReportPlots(tmp, &in)
+	if _, err := os.Lstat(dir); err == nil {
+		return nil, fmt.Errorf("%w: %s", ErrExists, dir)
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("patch: report: %w", err)
+	}
+	if err := in.validate(); err != nil {
+		return nil, err
+	}
+	st, err := stage(dir)
+	if err != nil {
+		return nil, fmt.Errorf("patch: report: %w", err)
+	}
+	fail := func(err error) (*Staged, error) {
+		st.Discard()
+		return nil, fmt.Errorf("patch: report %s: %w", dir, err)
+	}
+	images, err := writeReportPlots(st.Dir(), &in)
 	if err != nil {
 		return fail(err)
 	}
 	md := reportMarkdown(&in, images)
-	if err := os.WriteFile(filepath.Join(tmp, ReportFile), []byte(md), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(st.Dir(), ReportFile), []byte(md), 0o644); err != nil {
 		return fail(err)
 	}
-	if beforeRename != nil {
-		if err := beforeRename(tmp); err != nil {
-			return fail(err)
-		}
-	}
-	if _, err := os.Lstat(dir); err == nil { // appeared meanwhile: do not replace it
-		return fail(fmt.Errorf("%w: %s", ErrExists, dir))
-	}
-	if err := os.Rename(tmp, dir); err != nil {
-		return fail(err)
-	}
-	return nil
+	return st, nil
 }
 
 // reportImages says which plots were written.
@@ -441,32 +449,59 @@ func reportMarkdown(in *ReportInput, im reportImages) string {
 	}
 	b.WriteString("\n")
 
-	if in.Scores != nil {
+	if in.Scores != nil || in.Tasks != nil {
 		pf("## Evaluation\n\n")
-		pf("Perplexity on the evaluation windows; KL(dense ‖ variant) per prediction in nats; top-1 is the fraction of predictions whose argmax equals the dense model's.\n\n")
-		pf("| method | perplexity | Δ vs dense | KL | top-1 |\n|:---|---:|---:|---:|---:|\n")
+		head, rule := "| method |", "|:---|"
+		if in.Scores != nil {
+			proto := ""
+			if in.Protocol != "" {
+				proto = fmt.Sprintf(" (%s protocol)", mdCell(in.Protocol))
+			}
+			pf("Perplexity on the evaluation windows%s; KL(dense ‖ variant) per prediction in nats; top-1 is the fraction of predictions whose argmax equals the dense model's.\n\n", proto)
+			head, rule = head+" perplexity | Δ vs dense | KL | top-1 |", rule+"---:|---:|---:|---:|"
+		}
+		if in.Tasks != nil {
+			pf("Zero-shot multiple-choice accuracy per task (acc / acc_norm); retained = the mean over tasks of the variant's accuracy divided by the dense model's.\n\n")
+			for _, c := range TaskColumns(in.Tasks) {
+				head, rule = head+" "+mdCell(c)+" |", rule+"---:|"
+			}
+		}
+		pf("%s\n%s\n", head, rule)
 		dense, hasDense := in.Scores[DenseName]
-		for _, name := range SortedNames(in.Scores) {
-			s := in.Scores[name]
+		for _, name := range evalNames(in.Scores, in.Tasks) {
 			label := mdCell(name)
 			if name == in.Method {
 				label = "**" + label + "** (exported)"
 			}
-			delta := "—"
-			if hasDense && name != DenseName {
-				delta = fmt.Sprintf("%+.3f (%+.1f%%)", s.PPL-dense.PPL, 100*(s.PPL-dense.PPL)/dense.PPL)
+			row := "| " + label + " |"
+			if in.Scores != nil {
+				s, ok := in.Scores[name]
+				if !ok {
+					row += " — | — | — | — |"
+				} else {
+					delta := "—"
+					if hasDense && name != DenseName {
+						delta = fmt.Sprintf("%+.3f (%+.1f%%)", s.PPL-dense.PPL, 100*(s.PPL-dense.PPL)/dense.PPL)
+					}
+					kl, top1 := fmt.Sprintf("%.4f", s.KL), fmt.Sprintf("%.1f%%", 100*s.Top1)
+					if name == DenseName {
+						kl, top1 = "0", "100%"
+					}
+					row += fmt.Sprintf(" %.3f | %s | %s | %s |", s.PPL, delta, kl, top1)
+				}
 			}
-			kl, top1 := fmt.Sprintf("%.4f", s.KL), fmt.Sprintf("%.1f%%", 100*s.Top1)
-			if name == DenseName {
-				kl, top1 = "0", "100%"
+			for _, c := range TaskCells(in.Tasks, name) {
+				row += " " + c + " |"
 			}
-			pf("| %s | %.3f | %s | %s | %s |\n", label, s.PPL, delta, kl, top1)
+			pf("%s\n", row)
 		}
 		b.WriteString("\n")
-		for _, line := range scoreFacts(in) {
-			pf("%s\n", line)
+		if in.Scores != nil {
+			for _, line := range scoreFacts(in) {
+				pf("%s\n", line)
+			}
+			b.WriteString("\n")
 		}
-		b.WriteString("\n")
 	}
 
 	if p := in.Profile; p != nil {

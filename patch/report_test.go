@@ -292,6 +292,15 @@ func TestReportWrite(t *testing.T) {
 	noRot.Profile = &prof
 	noProfile := base
 	noProfile.Profile, noProfile.Scores, noProfile.AllowEdges = nil, nil, true
+	tasks := map[string]model.TasksResult{
+		"dense":  model.NewTasksResult([]model.TaskResult{{Task: "mc", Acc: 0.8, AccNorm: 0.5}, {Task: "arc", Acc: 0.5, AccNorm: 0.5}}),
+		"none":   model.NewTasksResult([]model.TaskResult{{Task: "mc", Acc: 0.4, AccNorm: 0.25}, {Task: "arc", Acc: 0.5, AccNorm: 0.25}}),
+		"rotate": model.NewTasksResult([]model.TaskResult{{Task: "mc", Acc: 0.72, AccNorm: 0.5}, {Task: "arc", Acc: 0.45, AccNorm: 0.4}}),
+	}
+	withTasks := base
+	withTasks.Tasks, withTasks.Protocol = tasks, "join"
+	tasksOnly := noProfile
+	tasksOnly.Tasks = tasks
 
 	all := []string{reportCosinePNG, reportChannelsPNG, reportChanRotPNG, reportTokensPNG}
 	for _, c := range []struct {
@@ -311,6 +320,16 @@ func TestReportWrite(t *testing.T) {
 			"mean |log(target/·)| per channel falls from", "after the patch (factor",
 			"outlier tokens in the target", "position 0 (", "- Calibration took 1.5 s (extra line).",
 		}, nil},
+		{"tasks", withTasks, all, nil, []string{
+			"(join protocol)", "| method | perplexity | Δ vs dense | KL | top-1 | mc acc / acc_norm | arc acc / acc_norm | retained acc | retained acc_norm |",
+			"| **rotate** (exported) | 12.000 | +2.000 (+20.0%) | 0.2000 | 80.0% | 72.0% / 50.0% | 45.0% / 40.0% | 90.00% | 90.00% |",
+			"| none | 20.000 | +10.000 (+100.0%) | 0.7000 | 60.0% | 40.0% / 25.0% | 50.0% / 25.0% | 75.00% | 50.00% |",
+			"| diag | 14.000 | +4.000 (+40.0%) | 0.3000 | 75.0% | — | — | — | — |",
+		}, nil},
+		{"tasks only", tasksOnly, []string{reportCosinePNG}, all[1:], []string{
+			"| method | mc acc / acc_norm | arc acc / acc_norm | retained acc | retained acc_norm |",
+			"| dense | 80.0% / 50.0% | 50.0% / 50.0% | 100.00% | 100.00% |",
+		}, []string{"perplexity |"}},
 		{"no rotation", noRot, []string{reportCosinePNG, reportChannelsPNG, reportTokensPNG}, []string{reportChanRotPNG},
 			[]string{"(channels.png)"}, []string{"channels_rotated.png"}},
 		{"no profile, no scores", noProfile, []string{reportCosinePNG}, all[1:],

@@ -349,7 +349,9 @@ func Accumulate(ctx context.Context, m *model.Model, h *Hadamard, windows [][]in
 		}
 		g := firstIndex + lo
 		hi := min(len(windows), (g/bs+1)*bs-firstIndex) // end of g's aligned batch
-		acc.batch(m, windows[lo:hi], local.Windows[lo:hi], g)
+		if err := acc.batch(ctx, m, windows[lo:hi], local.Windows[lo:hi], g); err != nil {
+			return err // local statistics are dropped: st is unchanged
+		}
 		lo = hi
 		if progress != nil {
 			progress(lo)
@@ -404,8 +406,9 @@ func newAccumulator(st *Stats, h *Hadamard, starts []int, rows int) *accumulator
 	return a
 }
 
-// batch runs one forward over ids (global indices first, first+1, …) and fills out.
-func (a *accumulator) batch(m *model.Model, ids [][]int, out []WindowStats, first int) {
+// batch runs one forward over ids (global indices first, first+1, …) and fills out; it
+// stops between layers with ctx's error once ctx ends.
+func (a *accumulator) batch(ctx context.Context, m *model.Model, ids [][]int, out []WindowStats, first int) error {
 	L, T := a.st.Layers, a.st.SeqLen
 	for b := range out {
 		out[b] = WindowStats{
@@ -418,7 +421,7 @@ func (a *accumulator) batch(m *model.Model, ids [][]int, out []WindowStats, firs
 	}
 	x := m.Embeddings(ids)
 	a.observe(0, x, out)
-	m.RunLayers(x, T, 0, L, func(l int, x *tensor.Matrix) { a.observe(l+1, x, out) })
+	return m.RunLayersContext(ctx, x, T, 0, L, func(l int, x *tensor.Matrix) { a.observe(l+1, x, out) })
 }
 
 // observe takes the state X_l of the batch (rows b·T+t) into the windows' statistics and,

@@ -219,8 +219,9 @@ func chunkRecord(m Meta, schema *arrow.Schema, rows []Chunk) (arrow.Record, erro
 }
 
 // decodeChunks appends the rows of rec (whose schema has been checked against m) to out.
-// Errors wrap ErrCorrupt.
-func decodeChunks(m Meta, rec arrow.Record, out []Chunk) ([]Chunk, error) {
+// base is the index of rec's first row in its file or message, so that errors name the
+// row there. Errors wrap ErrCorrupt.
+func decodeChunks(m Meta, rec arrow.Record, base int, out []Chunk) ([]Chunk, error) {
 	R := int(rec.NumRows())
 	for i := range int(rec.NumCols()) {
 		if n := rec.Column(i).Len(); n != R {
@@ -263,30 +264,30 @@ func decodeChunks(m Meta, rec arrow.Record, out []Chunk) ([]Chunk, error) {
 		T := t1 - t0
 		for i := range cols.list() {
 			if w[i] > 0 && (offs[i][r] != t0 || offs[i][r+1] != t1) {
-				return nil, fmt.Errorf("%w: row %d: a column spans tokens [%d, %d), input_ids [%d, %d)", ErrCorrupt, r, offs[i][r], offs[i][r+1], t0, t1)
+				return nil, fmt.Errorf("%w: row %d: a column spans tokens [%d, %d), input_ids [%d, %d)", ErrCorrupt, base+r, offs[i][r], offs[i][r+1], t0, t1)
 			}
 		}
 		if T < 1 {
-			return nil, fmt.Errorf("%w: row %d has no tokens", ErrCorrupt, r)
+			return nil, fmt.Errorf("%w: row %d has no tokens", ErrCorrupt, base+r)
 		}
 		pos := [5]int{c.Shard, c.Window, c.Chunk, c.Chunks, c.TokenLo}
 		if got, want := rowCRC(m, pos, &cols, t0, t1), binary.LittleEndian.Uint32(scal[5][4*r:]); got != want {
-			return nil, fmt.Errorf("%w: row %d (shard %d, window %d, chunk %d): CRC-32C %08x, recorded %08x", ErrCorrupt, r, c.Shard, c.Window, c.Chunk, got, want)
+			return nil, fmt.Errorf("%w: row %d (shard %d, window %d, chunk %d): CRC-32C %08x, recorded %08x", ErrCorrupt, base+r, c.Shard, c.Window, c.Chunk, got, want)
 		}
 		if c.Shard < 0 || c.Window < 0 || c.Chunks < 1 || c.Chunk < 0 || c.Chunk >= c.Chunks || c.TokenLo < 0 || c.TokenLo > math.MaxInt32-T {
-			return nil, fmt.Errorf("%w: row %d: invalid position (shard %d, window %d, chunk %d of %d, token_lo %d)", ErrCorrupt, r, c.Shard, c.Window, c.Chunk, c.Chunks, c.TokenLo)
+			return nil, fmt.Errorf("%w: row %d: invalid position (shard %d, window %d, chunk %d of %d, token_lo %d)", ErrCorrupt, base+r, c.Shard, c.Window, c.Chunk, c.Chunks, c.TokenLo)
 		}
 		c.InputIDs = make([]int32, T)
 		for t := range c.InputIDs {
 			id := int32(binary.LittleEndian.Uint32(cols.ids[4*(t0+t):]))
 			if id < 0 || int(id) >= m.Vocab {
-				return nil, fmt.Errorf("%w: row %d: input id %d outside the vocabulary [0, %d)", ErrCorrupt, r, id, m.Vocab)
+				return nil, fmt.Errorf("%w: row %d: input id %d outside the vocabulary [0, %d)", ErrCorrupt, base+r, id, m.Vocab)
 			}
 			c.InputIDs[t] = id
 		}
 		c.XCut = make([]float32, T*d)
 		if !getActs(m.ActDType, c.XCut, cols.xcut[t0*d*aw:]) {
-			return nil, fmt.Errorf("%w: row %d: non-finite x_cut", ErrCorrupt, r)
+			return nil, fmt.Errorf("%w: row %d: non-finite x_cut", ErrCorrupt, base+r)
 		}
 		if K > 0 {
 			c.TopKIdx = make([]int32, T*K)
@@ -294,14 +295,14 @@ func decodeChunks(m Meta, rec arrow.Record, out []Chunk) ([]Chunk, error) {
 			for t := range T {
 				e := (t0 + t) * K
 				if !decodeTopK(cols.lo[e:e+K], cols.hi[e*hiW:(e+K)*hiW], cols.sq[e:e+K], m.Vocab, hiW, c.TopKIdx[t*K:(t+1)*K], c.TopKProb[t*K:(t+1)*K]) {
-					return nil, fmt.Errorf("%w: row %d token %d: top-k id beyond the vocabulary %d", ErrCorrupt, r, t, m.Vocab)
+					return nil, fmt.Errorf("%w: row %d token %d: top-k id beyond the vocabulary %d", ErrCorrupt, base+r, t, m.Vocab)
 				}
 			}
 		}
 		if m.Final {
 			c.XFinal = make([]float32, T*d)
 			if !getActs(m.ActDType, c.XFinal, cols.xfin[t0*d*aw:]) {
-				return nil, fmt.Errorf("%w: row %d: non-finite x_final", ErrCorrupt, r)
+				return nil, fmt.Errorf("%w: row %d: non-finite x_final", ErrCorrupt, base+r)
 			}
 		}
 		out = append(out, c)

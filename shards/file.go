@@ -238,7 +238,10 @@ func OpenShardFile(path string, want Meta, expectSHA256 string) (r *ShardReader,
 		return nil, fmt.Errorf("%w: %s has sha256 %s, expected %s", ErrChecksum, path, got, expectSHA256)
 	}
 	defer recoverCorrupt(&err)
-	fr, err := ipc.NewFileReader(bytes.NewReader(b))
+	// The file reader sizes its buffers by the lengths in the footer and the record
+	// metadata: an allocation limit keeps a corrupt length from exhausting memory (the
+	// SHA-256 only says the file is the one the manifest names, not that it is sound).
+	fr, err := ipc.NewFileReader(bytes.NewReader(b), ipc.WithAllocator(newLimitAlloc(fileDecodeLimit(len(b)))))
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %v", ErrCorrupt, path, err)
 	}
@@ -271,7 +274,7 @@ func (r *ShardReader) Row(i int) (c Chunk, err error) {
 	if rec.NumRows() != 1 {
 		return Chunk{}, fmt.Errorf("%w: record batch %d holds %d rows", ErrCorrupt, i, rec.NumRows())
 	}
-	rows, err := decodeChunks(r.meta, rec, nil)
+	rows, err := decodeChunks(r.meta, rec, i, nil)
 	if err != nil {
 		return Chunk{}, err
 	}
@@ -305,3 +308,8 @@ func ReadShardFile(path string, want Meta, expectSHA256 string) ([]Chunk, error)
 	}
 	return rows, nil
 }
+
+// fileDecodeLimit is the allocation limit for reading a shard file of n bytes: one row is
+// decoded at a time, but a compressed file may expand more than a message, so the limit is
+// looser than decodeLimit while still refusing what no file of that size can hold.
+func fileDecodeLimit(n int) int { return 64*n + 64<<20 }

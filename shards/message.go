@@ -59,7 +59,7 @@ func DecodeMessage(b []byte, want Meta) (rows []Chunk, err error) {
 		return nil, err
 	}
 	err = readAllRecords(rd, func(rec arrow.Record) error {
-		rows, err = decodeChunks(meta, rec, rows)
+		rows, err = decodeChunks(meta, rec, len(rows), rows)
 		return err
 	})
 	if err != nil {

@@ -27,7 +27,13 @@ func NewAdamW() *AdamW {
 
 // Update applies one step with learning rate lr to p in place, given the gradient grad.
 // It panics if len(grad) != len(p) or the moments were sized for another length.
-func (a *AdamW) Update(p, grad []float32, lr float64) {
+func (a *AdamW) Update(p, grad []float32, lr float64) { adamUpdate(a, p, grad, lr) }
+
+// Update64 is Update with a float64 gradient (a step's gradient summed over windows in
+// float64, see StepGradient); Update(p, g) and Update64(p, float64(g)) agree bit for bit.
+func (a *AdamW) Update64(p []float32, grad []float64, lr float64) { adamUpdate(a, p, grad, lr) }
+
+func adamUpdate[G float32 | float64](a *AdamW, p []float32, grad []G, lr float64) {
 	if len(grad) != len(p) {
 		panic(fmt.Sprintf("student: AdamW.Update with %d parameters and %d gradients", len(p), len(grad)))
 	}

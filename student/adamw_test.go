@@ -12,6 +12,14 @@ func TestAdamWTwoSteps(t *testing.T) {
 	p := []float32{1, -2}
 	a.Update(p, []float32{0.5, -0.1}, 0.1)
 	want1 := []float64{0.899000002, -1.898000009999999}
+	for i := range p {
+		if math.Abs(float64(p[i])-want1[i]) > 1e-6 {
+			t.Fatalf("after one step p = %v, want %v", p, want1)
+		}
+	}
+	if a.Step != 1 {
+		t.Fatalf("Step = %d after one update, want 1", a.Step)
+	}
 	a.Update(p, []float32{0.2, 0.3}, 0.1)
 	want2 := []float64{0.8082434839009282, -1.9455209911100655}
 	for i := range p {

@@ -11,9 +11,19 @@ import (
 // attnShape describes causal grouped-query attention over B sequences of T rows stacked in
 // rows, reading a fused row layout [q heads | k heads | v heads] of width
 // (heads + 2·kvHeads)·hd and writing rows of width heads·hd. Query head h attends with kv
-// head h/(heads/kvHeads); scores are q·kᵀ/sqrt(hd) over the positions ≤ t of its sequence.
+// head h/(heads/kvHeads); scores are q·kᵀ/sqrt(hd) over the positions ≤ t of its sequence
+// and, when window > 0, > t − window (Mistral's sliding window).
 type attnShape struct {
 	T, heads, kvHeads, hd int
+	window                int // 0: full causal attention
+}
+
+// firstKey returns the first key position the query at position t sees.
+func (a attnShape) firstKey(t int) int {
+	if a.window > 0 {
+		return max(0, t-a.window+1)
+	}
+	return 0
 }
 
 func (a attnShape) width() int    { return (a.heads + 2*a.kvHeads) * a.hd }
@@ -78,14 +88,17 @@ func (a attnShape) forEachItem(n int, backward bool, fn func(s *attnScratch, b, 
 }
 
 // causalProbs sets sc (rows × p1) to the causal softmax of scale·Q_blk·Kᵀ for the query
-// positions [p0, p0+rows/G): row r is position p0 + r/G and keeps keys 0..p0+r/G.
+// positions [p0, p0+rows/G): row r is position t = p0 + r/G and keeps keys firstKey(t)..t,
+// the others zero.
 func (a attnShape) causalProbs(sc, qblk, kb []float32, rows, p0, p1 int, scale float32) {
 	G := a.heads / a.kvHeads
 	sgemm(false, true, rows, p1, a.hd, scale, qblk, a.hd, kb, a.width(), 0, sc, p1)
 	for r := range rows {
 		t := p0 + r/G
+		lo := a.firstKey(t)
 		row := sc[r*p1 : (r+1)*p1]
-		tensor.Softmax(row[:t+1])
+		clear(row[:lo])
+		tensor.Softmax(row[lo : t+1])
 		clear(row[t+1:])
 	}
 }
@@ -167,7 +180,9 @@ func attentionBackward(dqkv, qkv, out, dout []float32, a attnShape) {
 				t := p0 + r/G
 				dr, prr := dp[r*p1:(r+1)*p1], pr[r*p1:(r+1)*p1]
 				dv := s.d[p0*G+r]
-				for j := 0; j <= t; j++ {
+				lo := a.firstKey(t)
+				clear(dr[:lo])
+				for j := lo; j <= t; j++ {
 					dr[j] = prr[j] * (dr[j] - dv)
 				}
 				clear(dr[t+1:])

@@ -28,6 +28,9 @@ var (
 	// ErrCheckpointMismatch: a checkpoint of another run (another fingerprint: settings, data,
 	// model, P0, build), or the data changed under it. The message names what differs.
 	ErrCheckpointMismatch = errors.New("student: checkpoint of another run")
+	// ErrCheckpointVersion: a checkpoint written by an older linearpatch, whose steps
+	// cannot be continued bit-identically (the message says why); start over.
+	ErrCheckpointVersion = errors.New("student: checkpoint of an older version")
 )
 
 // Checkpoint is the trainer's whole state at a step boundary: resuming from it gives the
@@ -86,9 +89,10 @@ func (c *Checkpoint) clone() *Checkpoint {
 //   - Save stores c atomically: after it returns nil, Load returns c; after it returns an
 //     error (or the process dies during it), Load returns the previous checkpoint, whole.
 //     Save does not keep c or its slices after it returns.
-//   - Load returns a checkpoint the caller owns, ErrNoCheckpoint when none was saved, or an
+//   - Load returns a checkpoint the caller owns, ErrNoCheckpoint when none was saved, an
 //     error wrapping ErrCheckpointCorrupt when the stored bytes are damaged (never a partial
-//     checkpoint, and never ErrNoCheckpoint for a damaged one).
+//     checkpoint, and never ErrNoCheckpoint for a damaged one), or one wrapping
+//     ErrCheckpointVersion for a checkpoint of an older format.
 //   - Both honour ctx where they block; neither is required to be safe for concurrent use.
 type CheckpointStore interface {
 	Save(ctx context.Context, c *Checkpoint) error
@@ -103,7 +107,7 @@ const CheckpointFile = "checkpoint.bin"
 // dir. Load never reads a temporary file; the temporary files a killed process left behind
 // are removed by the next successful Save. One store per directory, one process at a time.
 //
-// File format (little-endian): the 8 bytes "LPCKPT01"; a uint32 n and n bytes of JSON
+// File format (little-endian): the 8 bytes "LPCKPT02"; a uint32 n and n bytes of JSON
 // (the scalar fields, the fingerprint, the shard checksums and the list of arrays with
 // their element types and lengths); the arrays' raw values in that order (P, BestP as
 // float32; M, V, the curves' losses as float64; the curves' steps as int64); then the
@@ -195,7 +199,15 @@ func (s *FileCheckpointStore) Load(ctx context.Context) (*Checkpoint, error) {
 	return c, nil
 }
 
-const checkpointMagic = "LPCKPT01"
+// checkpointMagic names the format version. 02: the state of a run whose step gradient is
+// the sum of per-window gradients in window order (01: a step's windows went through one
+// graph together, so a resumed 01 run would change arithmetic mid-run; it is refused).
+const checkpointMagic = "LPCKPT02"
+
+// oldCheckpointMagics are the earlier versions Load recognizes, to refuse them by name.
+var oldCheckpointMagics = map[string]string{
+	"LPCKPT01": "its steps ran a batch's windows through one graph; steps now sum per-window gradients in window order, so it cannot be continued bit-identically",
+}
 
 // ckptHeader is the JSON part of the file.
 type ckptHeader struct {
@@ -327,10 +339,16 @@ func curveCols(c []CurvePoint) ([]int64, []float64) {
 	return s, l
 }
 
-// decodeCheckpoint parses a checkpoint file. Errors wrap ErrCheckpointCorrupt.
+// decodeCheckpoint parses a checkpoint file. Errors wrap ErrCheckpointCorrupt or
+// ErrCheckpointVersion.
 func decodeCheckpoint(b []byte) (*Checkpoint, error) {
 	bad := func(format string, a ...any) error {
 		return fmt.Errorf("%w: %s", ErrCheckpointCorrupt, fmt.Sprintf(format, a...))
+	}
+	if len(b) >= len(checkpointMagic) {
+		if why, ok := oldCheckpointMagics[string(b[:len(checkpointMagic)])]; ok {
+			return nil, fmt.Errorf("%w: format %s: %s; start over without resume", ErrCheckpointVersion, b[:len(checkpointMagic)], why)
+		}
 	}
 	if len(b) < len(checkpointMagic)+4+sha256.Size || string(b[:len(checkpointMagic)]) != checkpointMagic {
 		return nil, bad("not a checkpoint file (%d bytes, no %q magic)", len(b), checkpointMagic)
@@ -452,5 +470,6 @@ func (c *Checkpoint) MarshalBinary() ([]byte, error) {
 	return b.Bytes(), nil
 }
 
-// UnmarshalCheckpoint decodes the checkpoint file format. Errors wrap ErrCheckpointCorrupt.
+// UnmarshalCheckpoint decodes the checkpoint file format. Errors wrap ErrCheckpointCorrupt
+// or ErrCheckpointVersion.
 func UnmarshalCheckpoint(b []byte) (*Checkpoint, error) { return decodeCheckpoint(b) }

@@ -116,7 +116,7 @@ func TestCheckpointAtomic(t *testing.T) {
 
 	// A killed process's temporary file.
 	stale := filepath.Join(dir, "."+CheckpointFile+".tmp-123")
-	os.WriteFile(stale, []byte("LPCKPT01 half"), 0o644)
+	os.WriteFile(stale, []byte("LPCKPT02 half"), 0o644)
 	if got, err := s.Load(ctx); err != nil || got.Step != first.Step {
 		t.Fatalf("with a stale temporary file: %v", err)
 	}
@@ -136,13 +136,34 @@ func TestCheckpointAtomic(t *testing.T) {
 		"truncated": good[:len(good)-5],
 		"flipped":   flip(good, len(good)/2),
 		"empty":     nil,
-		"magic":     append([]byte("LPCKPT02"), good[8:]...),
+		"magic":     append([]byte("LPCKPT99"), good[8:]...),
 	} {
 		os.WriteFile(s.Path(), b, 0o644)
 		if _, err := s.Load(ctx); !errors.Is(err, ErrCheckpointCorrupt) {
 			t.Fatalf("%s: %v, want ErrCheckpointCorrupt", name, err)
 		}
 	}
+}
+
+// TestCheckpointOldVersion: a checkpoint of format 01 (steps that ran a batch through one
+// graph) is refused by name, not taken for a damaged file, and a resume says to start over.
+func TestCheckpointOldVersion(t *testing.T) {
+	ctx := context.Background()
+	s := NewFileCheckpointStore(t.TempDir())
+	if err := s.Save(ctx, sampleCheckpoint()); err != nil {
+		t.Fatal(err)
+	}
+	good, _ := os.ReadFile(s.Path())
+	if string(good[:8]) != "LPCKPT02" {
+		t.Fatalf("magic %q", good[:8])
+	}
+	old := append([]byte("LPCKPT01"), good[8:]...)
+	os.WriteFile(s.Path(), old, 0o644)
+	_, err := s.Load(ctx)
+	if !errors.Is(err, ErrCheckpointVersion) || errors.Is(err, ErrCheckpointCorrupt) || !strings.Contains(err.Error(), "start over without resume") {
+		t.Fatalf("format 01: %v, want ErrCheckpointVersion asking to start over", err)
+	}
+	t.Log(err)
 }
 
 func flip(b []byte, i int) []byte {
@@ -160,11 +181,12 @@ func FuzzDecodeCheckpoint(f *testing.F) {
 	}
 	f.Add(buf.Bytes())
 	f.Add([]byte("LPCKPT01"))
+	f.Add([]byte("LPCKPT02"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		c, err := decodeCheckpoint(b)
 		if err != nil {
-			if !errors.Is(err, ErrCheckpointCorrupt) {
-				t.Fatalf("error %v does not wrap ErrCheckpointCorrupt", err)
+			if !errors.Is(err, ErrCheckpointCorrupt) && !errors.Is(err, ErrCheckpointVersion) {
+				t.Fatalf("error %v wraps neither ErrCheckpointCorrupt nor ErrCheckpointVersion", err)
 			}
 			return
 		}

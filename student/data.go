@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"math/rand/v2"
 	"path/filepath"
 	"time"
@@ -56,8 +57,11 @@ type WindowRef struct {
 type DataOption func(*dataOptions) error
 
 type dataOptions struct {
-	wait func(ctx context.Context, shard int) error
-	poll time.Duration
+	wait     func(ctx context.Context, shard int) error
+	poll     time.Duration
+	stall    time.Duration // give up polling after this long without a manifest change; 0: never
+	log      *slog.Logger  // logs what a poll waits for; nil: silent
+	logEvery time.Duration
 }
 
 // WithWaitFor makes every shard load first call wait(ctx, shard), which must return nil
@@ -84,6 +88,21 @@ func WithManifestPoll(interval time.Duration) DataOption {
 			return fmt.Errorf("%w: manifest poll interval %v must be positive", ErrOptions, interval)
 		}
 		o.poll = interval
+		return nil
+	}
+}
+
+// WithManifestStall makes a manifest poll (see WithManifestPoll) log what it waits for to
+// log, once it has waited min(5 s, logEvery, limit/2) and then every logEvery, and give up with an error wrapping ErrShardMissing
+// once the manifest has not changed (no shard added, no file appeared) for limit: nothing
+// is writing the cache any more, so the shard will never come. limit 0 waits until ctx
+// ends; log may be nil.
+func WithManifestStall(limit, logEvery time.Duration, log *slog.Logger) DataOption {
+	return func(o *dataOptions) error {
+		if limit < 0 || logEvery <= 0 {
+			return fmt.Errorf("%w: manifest stall limit %v, log interval %v", ErrOptions, limit, logEvery)
+		}
+		o.stall, o.logEvery, o.log = limit, logEvery, log
 		return nil
 	}
 }
@@ -173,7 +192,35 @@ func NewShardData(dir string, meta shards.Meta, train, valid []ShardSpec, opts .
 	if d.trainN == 0 {
 		return nil, fmt.Errorf("%w: no training windows", ErrOptions)
 	}
+	if err := d.checkListed(); err != nil {
+		return nil, err
+	}
 	return d, nil
+}
+
+// checkListed checks the planned shards that the manifest already lists against their
+// entries (split, windows), so that a plan whose window counts disagree with the cache is
+// refused before anything is sized by them (the training order holds every window). A
+// manifest not there yet is not an error here: loads wait for it or fail.
+func (d *ShardData) checkListed() error {
+	m, err := shards.LoadManifest(filepath.Join(d.dir, ManifestName))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for shard, pos := range d.byShard {
+		e, ok := m.Entry(shard)
+		if !ok {
+			continue
+		}
+		if spec := d.spec(pos); e.Split != pos.split || e.Windows != spec.Windows {
+			return fmt.Errorf("%w: shard %d is a %s shard of %d windows in the manifest, planned as %s with %d",
+				ErrData, shard, e.Split, e.Windows, pos.split, spec.Windows)
+		}
+	}
+	return nil
 }
 
 // Meta returns the Meta the shard files must carry.
@@ -439,19 +486,50 @@ func (d *ShardData) load(ctx context.Context, shard int) (*loadedShard, error) {
 // entry returns shard's manifest entry, polling for it when so configured.
 func (d *ShardData) entry(ctx context.Context, shard int) (shards.ManifestEntry, error) {
 	path := filepath.Join(d.dir, ManifestName)
+	var (
+		began, changed, logged time.Time
+		listed                 = -2 // entries in the manifest at the last poll; -1: no manifest
+	)
 	for {
 		m, err := shards.LoadManifest(path)
+		n := -1
 		switch {
 		case err == nil:
 			if e, ok := m.Entry(shard); ok {
+				if !logged.IsZero() {
+					d.o.log.Info("shard arrived in the manifest", "shard", shard, "waited", time.Since(began).Round(time.Millisecond))
+				}
 				return e, nil
 			}
 			if d.o.poll == 0 {
 				return shards.ManifestEntry{}, fmt.Errorf("%w: shard %d in %s", ErrShardMissing, shard, path)
 			}
+			n = len(m.Shards)
 		case errors.Is(err, fs.ErrNotExist) && d.o.poll > 0:
 		default:
 			return shards.ManifestEntry{}, err
+		}
+		now := time.Now()
+		if began.IsZero() {
+			began = now
+		}
+		if n != listed {
+			listed, changed = n, now
+		}
+		if d.o.stall > 0 && now.Sub(changed) >= d.o.stall {
+			return shards.ManifestEntry{}, fmt.Errorf("%w: shard %d is not in %s (%s) and nothing has been added for %v: no cache writer is completing it (is the cache writer running, and the cache made for this plan?)",
+				ErrShardMissing, shard, path, describeListed(listed), d.o.stall)
+		}
+		// A short wait is the normal pace of a pipeline whose student trains as the cache
+		// lands: not worth a line. The first comes after min(5 s, logEvery, half the limit).
+		quiet := min(5*time.Second, d.o.logEvery)
+		if d.o.stall > 0 {
+			quiet = min(quiet, d.o.stall/2)
+		}
+		if d.o.log != nil && now.Sub(began) >= quiet && (logged.IsZero() || now.Sub(logged) >= d.o.logEvery) {
+			logged = now
+			d.o.log.Info("waiting for a shard to appear in the cache manifest", "shard", shard, "manifest", path,
+				"listed", describeListed(listed), "waited", now.Sub(began).Round(time.Second), "give_up_after_no_change", d.o.stall)
 		}
 		t := time.NewTimer(d.o.poll)
 		select {
@@ -461,4 +539,12 @@ func (d *ShardData) entry(ctx context.Context, shard int) (shards.ManifestEntry,
 		case <-t.C:
 		}
 	}
+}
+
+// describeListed says what a polled manifest held.
+func describeListed(n int) string {
+	if n < 0 {
+		return "no manifest yet"
+	}
+	return fmt.Sprintf("%d shards listed", n)
 }

@@ -270,12 +270,14 @@ func TestDataErrors(t *testing.T) {
 	if _, err := d.fetch(ctx, []WindowRef{{9, 0}}); !errors.Is(err, ErrShardMissing) {
 		t.Fatalf("missing shard: %v, want ErrShardMissing", err)
 	}
-	d, _ = NewShardData(fx.dir, fx.meta, []ShardSpec{{0, 4}}, nil)
-	if _, err := d.fetch(ctx, []WindowRef{{0, 0}}); !errors.Is(err, ErrData) {
+	// A plan that disagrees with the manifest is refused before anything is sized by it.
+	if _, err := NewShardData(fx.dir, fx.meta, []ShardSpec{{0, 4}}, nil); !errors.Is(err, ErrData) {
 		t.Fatalf("window count: %v, want ErrData", err)
 	}
-	d, _ = NewShardData(fx.dir, fx.meta, []ShardSpec{{2, 3}}, nil) // a valid shard planned as train
-	if _, err := d.fetch(ctx, []WindowRef{{2, 0}}); !errors.Is(err, ErrData) {
+	if _, err := NewShardData(fx.dir, fx.meta, []ShardSpec{{0, 3}, {1, 1e12}}, nil); !errors.Is(err, ErrData) {
+		t.Fatalf("window count 1e12: %v, want ErrData", err)
+	}
+	if _, err := NewShardData(fx.dir, fx.meta, []ShardSpec{{2, 3}}, nil); !errors.Is(err, ErrData) { // a valid shard planned as train
 		t.Fatalf("split: %v, want ErrData", err)
 	}
 	for _, bad := range [][]ShardSpec{{{0, 0}}, {{-1, 3}}, {{0, 3}, {0, 3}}, nil} {
@@ -341,7 +343,7 @@ func TestStepAcrossThreads(t *testing.T) {
 	var grad0 []float32
 	for i, threads := range []int{1, 2, 3, 8} {
 		tensor.SetThreads(threads)
-		s, err := NewSuffix(m, 1, p0, SuffixOptions{SeqLen: T, Batch: B, K: K})
+		s, err := NewSuffix(m, 1, p0, SuffixOptions{SeqLen: T, K: K})
 		if err != nil {
 			t.Fatal(err)
 		}

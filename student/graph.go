@@ -14,7 +14,7 @@ const kindLogits LossKind = "logits"
 
 type graphKey struct {
 	kind  LossKind
-	batch int // windows
+	batch int // windows; the suffix builds one-window graphs only (see WindowGradient)
 }
 
 // graph is one compiled gorgonia graph for a fixed batch shape. Its input values are
@@ -84,7 +84,7 @@ func (s *Suffix) build(k graphKey) (gr *graph, err error) {
 	x := matrix("x", gr.xv)
 	p := matrix("P", s.pv)
 
-	h := must(gorgonia.Mul(x, p))
+	h := must(patchNode("patch", x, p))
 	for l := s.end; l < c.Layers; l++ {
 		h = s.layer(h, l)
 	}
@@ -118,26 +118,28 @@ func (s *Suffix) build(k graphKey) (gr *graph, err error) {
 		return nil, err
 	}
 	gr.grad = grads[0]
-	// Compile only what the loss and dL/dP need: symbolic differentiation also emits the
-	// gradient of X·P with respect to X (an input), which would cost a (B·T)×d×d product.
 	gr.train = gorgonia.NewTapeMachine(g.ExactSubgraphRoots(gr.loss, gr.grad))
 	gr.eval = gorgonia.NewTapeMachine(g.ExactSubgraphRoots(gr.loss))
 	return gr, nil
 }
 
 // layer adds transformer layer l (pre-norm GQA attention and SwiGLU MLP, with residuals)
-// on top of x. The q/k/v and gate/up projections are fused into one op each.
+// on top of x, with the model's q/k/v biases, q/k norm and sliding window when it has
+// them. The q/k/v and gate/up projections are fused into one op each.
 func (s *Suffix) layer(x *gorgonia.Node, l int) *gorgonia.Node {
 	c := s.m.Config
 	ly := s.m.Layers[l]
 	name := fmt.Sprintf("layer%d.", l)
-	a := attnShape{T: s.opts.SeqLen, heads: c.Heads, kvHeads: c.KVHeads, hd: c.HeadDim}
+	a := attnShape{T: s.opts.SeqLen, heads: c.Heads, kvHeads: c.KVHeads, hd: c.HeadDim, window: c.SlidingWindow}
 	var bias [][]float32
 	if ly.Bq != nil || ly.Bk != nil || ly.Bv != nil {
 		bias = [][]float32{ly.Bq, ly.Bk, ly.Bv}
 	}
 	h := must(rmsNormNode(name+"attn_norm", x, ly.AttnNorm, c.NormEps))
 	qkv := must(linearNode(name+"qkv", h, []*tensor.Matrix{ly.Wq, ly.Wk, ly.Wv}, bias))
+	if ly.QNorm != nil {
+		qkv = must(headNormNode(name+"qk_norm", qkv, a.width(), c.Heads, c.KVHeads, ly.QNorm, ly.KNorm, c.NormEps))
+	}
 	qkv = must(ropeNode(name+"rope", qkv, a.width(), c.Heads+c.KVHeads, a.T, s.rope))
 	att := must(attentionNode(name+"attention", qkv, a))
 	x = must(gorgonia.Add(x, must(linearNode(name+"o", att, []*tensor.Matrix{ly.Wo}, nil))))

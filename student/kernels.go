@@ -76,7 +76,9 @@ func linearForward(y, x []float32, n int, ws []*tensor.Matrix, bias [][]float32)
 	}
 	off := 0
 	for j, w := range ws {
-		sgemm(false, true, n, w.Rows, in, 1, x, in, w.Data, in, 0, y[off:], out)
+		forWeightBlocks(w, func(lo, hi int, wf []float32) {
+			psgemm(false, true, n, hi-lo, in, 1, x, in, wf, in, 0, y[off+lo:], out)
+		})
 		if j < len(bias) && bias[j] != nil {
 			b := bias[j]
 			for r := range n {
@@ -100,13 +102,44 @@ func linearBackward(dx, dy []float32, n int, ws []*tensor.Matrix) {
 	}
 	off := 0
 	for j, w := range ws {
-		beta := float32(1)
-		if j == 0 {
-			beta = 0
-		}
-		sgemm(false, false, n, in, w.Rows, 1, dy[off:], out, w.Data, in, beta, dx, in)
+		forWeightBlocks(w, func(lo, hi int, wf []float32) {
+			beta := float32(1)
+			if j == 0 && lo == 0 {
+				beta = 0
+			}
+			psgemm(false, false, n, in, hi-lo, 1, dy[off+lo:], out, wf, in, beta, dx, in)
+		})
 		off += w.Rows
 	}
+}
+
+// weightBlockRows is the number of rows of a half-precision (BF16/F16) frozen weight the
+// linear kernels widen to float32 at a time.
+const weightBlockRows = 256
+
+// weightScratch holds widened weight blocks (*[]float32) between calls.
+var weightScratch sync.Pool
+
+// forWeightBlocks calls fn, in order, for row blocks [lo, hi) covering w with their float32
+// values (row-major, width w.Cols): once with w.Data for a float32 w; for a half w, per block
+// of weightBlockRows rows widened into a scratch that fn must not keep.
+func forWeightBlocks(w *tensor.Matrix, fn func(lo, hi int, wf []float32)) {
+	if !w.IsHalf() {
+		fn(0, w.Rows, w.Data)
+		return
+	}
+	need := min(weightBlockRows, w.Rows) * w.Cols
+	var buf []float32
+	if p, ok := weightScratch.Get().(*[]float32); ok && cap(*p) >= need {
+		buf = (*p)[:need]
+	} else {
+		buf = make([]float32, need)
+	}
+	for lo := 0; lo < w.Rows; lo += weightBlockRows {
+		hi := min(lo+weightBlockRows, w.Rows)
+		fn(lo, hi, w.RowsF32(lo, hi, buf))
+	}
+	weightScratch.Put(&buf)
 }
 
 // rmsInv returns float32(1/sqrt(mean(x²)+eps)) with the sum in float64, as the engine's
@@ -152,6 +185,61 @@ func rmsNormBackward(dx, x, dy []float32, w []float32, eps float32) {
 			for j, v := range xr {
 				dr[j] = a*w[j]*gr[j] - c*v
 			}
+		}
+	})
+}
+
+// headNormForward sets y to x with per-head RMSNorm (Qwen3's q_norm and k_norm) applied to
+// the first qHeads+kHeads heads of width hd of every row: heads [0, qHeads) scaled by wq,
+// the next kHeads by wk, the remaining columns copied. Rows are width wide. Each head rounds
+// as the engine's tensor.RMSNorm does.
+func headNormForward(y, x []float32, width, qHeads, kHeads int, wq, wk []float32, eps float32) {
+	hd := len(wq)
+	parallelRows(len(x)/width, width, func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			xr, yr := x[i*width:(i+1)*width], y[i*width:(i+1)*width]
+			for h := range qHeads + kHeads {
+				w := wq
+				if h >= qHeads {
+					w = wk
+				}
+				xs, ys := xr[h*hd:(h+1)*hd], yr[h*hd:(h+1)*hd]
+				inv := rmsInv(xs, eps)
+				for j, v := range xs {
+					ys[j] = (v * inv) * w[j]
+				}
+			}
+			copy(yr[(qHeads+kHeads)*hd:], xr[(qHeads+kHeads)*hd:])
+		}
+	})
+}
+
+// headNormBackward sets dx, the input gradient of headNormForward for output gradient dy:
+// each normed head as rmsNormBackward, the copied columns passing dy through.
+func headNormBackward(dx, x, dy []float32, width, qHeads, kHeads int, wq, wk []float32, eps float32) {
+	hd := len(wq)
+	parallelRows(len(x)/width, width, func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			xr, gr, dr := x[i*width:(i+1)*width], dy[i*width:(i+1)*width], dx[i*width:(i+1)*width]
+			for h := range qHeads + kHeads {
+				w := wq
+				if h >= qHeads {
+					w = wk
+				}
+				xs, gs, ds := xr[h*hd:(h+1)*hd], gr[h*hd:(h+1)*hd], dr[h*hd:(h+1)*hd]
+				var ss, dot float64
+				for j, v := range xs {
+					ss += float64(v) * float64(v)
+					dot += float64(w[j]) * float64(gs[j]) * float64(v)
+				}
+				inv := 1 / math.Sqrt(ss/float64(hd)+float64(eps))
+				a := float32(inv)
+				c := float32(inv * inv * inv * dot / float64(hd))
+				for j, v := range xs {
+					ds[j] = a*w[j]*gs[j] - c*v
+				}
+			}
+			copy(dr[(qHeads+kHeads)*hd:], gr[(qHeads+kHeads)*hd:])
 		}
 	})
 }
@@ -249,10 +337,11 @@ func swigluBackward(dgu, gu, dy []float32, f int) {
 func gatherForward(z, h []float32, idx []int32, w *tensor.Matrix, k int) {
 	d := w.Cols
 	parallelRows(len(h)/d, k*d, func(lo, hi int) {
+		buf := make([]float32, d) // a half head's row, widened
 		for t := lo; t < hi; t++ {
 			ht := h[t*d : (t+1)*d]
 			for j := range k {
-				z[t*k+j] = vec.Sdot(d, ht, 1, w.Row(int(idx[t*k+j])), 1)
+				z[t*k+j] = vec.Sdot(d, ht, 1, w.RowF32(int(idx[t*k+j]), buf), 1)
 			}
 		}
 	})
@@ -263,12 +352,13 @@ func gatherForward(z, h []float32, idx []int32, w *tensor.Matrix, k int) {
 func gatherBackward(dh, dz []float32, idx []int32, w *tensor.Matrix, k int) {
 	d := w.Cols
 	parallelRows(len(dh)/d, k*d, func(lo, hi int) {
+		buf := make([]float32, d) // a half head's row, widened
 		for t := lo; t < hi; t++ {
 			dt := dh[t*d : (t+1)*d]
 			clear(dt)
 			for j := range k {
 				if g := dz[t*k+j]; g != 0 {
-					vec.Saxpy(d, g, w.Row(int(idx[t*k+j])), 1, dt, 1)
+					vec.Saxpy(d, g, w.RowF32(int(idx[t*k+j]), buf), 1, dt, 1)
 				}
 			}
 		}

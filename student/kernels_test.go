@@ -53,6 +53,55 @@ func TestLinearKernel(t *testing.T) {
 	}
 }
 
+// TestLinearKernelHalf: frozen BF16 and F16 weights, widened block by block (shapes past
+// one block of weightBlockRows rows), against the float64 twin of the widened weights.
+func TestLinearKernelHalf(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, dt := range []tensor.DType{tensor.BF16, tensor.F16} {
+		for _, c := range []struct {
+			n, in int
+			outs  []int
+		}{{1, 1, []int{1}}, {3, 5, []int{300, 7}}, {2, 4, []int{9, weightBlockRows + 1, 513}}} {
+			var ws []*tensor.Matrix
+			var bias [][]float32
+			out := 0
+			for _, o := range c.outs {
+				f := randMatrix(rng, o, c.in, 1)
+				bits := make([]uint16, o*c.in)
+				tensor.NarrowHalf(bits, f.Data, dt)
+				ws = append(ws, tensor.FromHalf(o, c.in, dt, bits, nil))
+				bias = append(bias, randSlice(rng, o, 1))
+				out += o
+			}
+			x := randSlice(rng, c.n*c.in, 1)
+			y := randSlice(rng, c.n*out, 1)
+			linearForward(y, x, c.n, ws, bias)
+			checkClose(t, caseName(dt.String()+" linear %+v", c), y, refLinear(to64(x), ws, bias), fwdTol)
+			r := randSlice(rng, c.n*out, 1)
+			dx := randSlice(rng, len(x), 1)
+			linearBackward(dx, r, c.n, ws)
+			want := fdGrad(func(x []float64) float64 { return dot64(r, refLinear(x, ws, bias)) }, to64(x), fdEps)
+			checkGrad(t, caseName(dt.String()+" linear backward %+v", c), dx, want, gradTol)
+
+			// The gather head kernel on the first (half) weight.
+			w, k := ws[0], 3
+			h := randSlice(rng, c.n*c.in, 1)
+			idx := make([]int32, c.n*k)
+			for i := range idx {
+				idx[i] = int32(rng.IntN(w.Rows))
+			}
+			z := randSlice(rng, c.n*k, 1)
+			gatherForward(z, h, idx, w, k)
+			checkClose(t, caseName(dt.String()+" gather %+v", c), z, refGather(to64(h), idx, w, k), fwdTol)
+			rz := randSlice(rng, len(z), 1)
+			dh := randSlice(rng, len(h), 1)
+			gatherBackward(dh, rz, idx, w, k)
+			wantH := fdGrad(func(x []float64) float64 { return dot64(rz, refGather(x, idx, w, k)) }, to64(h), fdEps)
+			checkGrad(t, caseName(dt.String()+" gather backward %+v", c), dh, wantH, gradTol)
+		}
+	}
+}
+
 func TestRMSNormKernel(t *testing.T) {
 	rng := rand.New(rand.NewPCG(2, 1))
 	for _, c := range []struct{ n, d int }{{1, 1}, {1, 7}, {5, 16}, {3, 33}} {
@@ -130,6 +179,11 @@ func TestAttentionKernel(t *testing.T) {
 		{1, attnShape{T: 7, heads: 4, kvHeads: 2, hd: 4}},
 		{2, attnShape{T: 5, heads: 4, kvHeads: 4, hd: 2}},
 		{1, attnShape{T: 11, heads: 6, kvHeads: 2, hd: 5}},
+		// sliding windows (Mistral): shorter than, equal to and longer than T
+		{1, attnShape{T: 9, heads: 2, kvHeads: 1, hd: 3, window: 1}},
+		{2, attnShape{T: 8, heads: 4, kvHeads: 2, hd: 4, window: 3}},
+		{1, attnShape{T: 11, heads: 6, kvHeads: 2, hd: 5, window: 11}},
+		{1, attnShape{T: 6, heads: 2, kvHeads: 2, hd: 2, window: 50}},
 	}
 	for _, block := range []int{64, 4, 1} { // blocking must not change results
 		attnRowsPerBlock = block
@@ -150,7 +204,7 @@ func TestAttentionKernel(t *testing.T) {
 				copy(v.Row(i), row[q.Cols+k.Cols:a.width()])
 			}
 			e := tensor.New(n, a.outWidth())
-			tensor.Attention(e, q, k, v, a.T, a.heads, a.kvHeads)
+			tensor.AttentionWindow(e, q, k, v, a.T, a.heads, a.kvHeads, a.window)
 			checkClose(t, caseName("attention %+v vs engine", c), out, to64(e.Data), fwdTol)
 
 			r := randSlice(rng, len(out), 1)
@@ -161,6 +215,44 @@ func TestAttentionKernel(t *testing.T) {
 			if !slices.Equal(qkv, q0) {
 				t.Fatal("attention modified its input")
 			}
+		}
+	}
+}
+
+func TestHeadNormKernel(t *testing.T) {
+	rng := rand.New(rand.NewPCG(8, 1))
+	for _, c := range []struct{ n, qh, kh, rest, hd int }{{1, 1, 1, 0, 2}, {1, 1, 1, 3, 2}, {3, 4, 2, 4, 6}, {5, 2, 2, 10, 5}, {2, 6, 2, 16, 8}} {
+		width := (c.qh+c.kh)*c.hd + c.rest
+		wq, wk := randSlice(rng, c.hd, 1), randSlice(rng, c.hd, 1)
+		x := randSlice(rng, c.n*width, 2)
+		x0 := slices.Clone(x)
+		y := randSlice(rng, len(x), 1) // dirty: must be overwritten
+		headNormForward(y, x, width, c.qh, c.kh, wq, wk, 1e-5)
+		checkClose(t, caseName("headnorm %+v", c), y, refHeadNorm(to64(x), width, c.qh, c.kh, wq, wk, 1e-5), fwdTol)
+		// Each head equals the engine's RMSNorm of that head, as model's forward applies it.
+		for i := range c.n {
+			for h := range c.qh + c.kh {
+				w := wq
+				if h >= c.qh {
+					w = wk
+				}
+				off := i*width + h*c.hd
+				e := tensor.New(1, c.hd)
+				tensor.RMSNorm(e, tensor.FromData(1, c.hd, x[off:off+c.hd]), w, 1e-5)
+				if !slices.Equal(e.Data, y[off:off+c.hd]) {
+					t.Fatalf("headnorm %+v row %d head %d differs from the engine", c, i, h)
+				}
+			}
+		}
+		r := randSlice(rng, len(x), 1)
+		dx := randSlice(rng, len(x), 1)
+		headNormBackward(dx, x, r, width, c.qh, c.kh, wq, wk, 1e-5)
+		want := fdGrad(func(x []float64) float64 {
+			return dot64(r, refHeadNorm(x, width, c.qh, c.kh, wq, wk, 1e-5))
+		}, to64(x), fdEps)
+		checkGrad(t, caseName("headnorm backward %+v", c), dx, want, gradTol)
+		if !slices.Equal(x, x0) {
+			t.Fatal("headnorm modified its input")
 		}
 	}
 }

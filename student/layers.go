@@ -114,6 +114,51 @@ func rmsNormNode(name string, x *gorgonia.Node, w []float32, eps float32) (*gorg
 	return gorgonia.ApplyOp(fwd, x)
 }
 
+// headNormNode applies per-head RMSNorm to the q and k heads of fused [q | k | v] rows of
+// width `width`: the first qHeads heads with wq, the next kHeads with wk (len(wq) = len(wk) =
+// hd); the other columns pass through.
+func headNormNode(name string, x *gorgonia.Node, width, qHeads, kHeads int, wq, wk []float32, eps float32) (*gorgonia.Node, error) {
+	if len(wq) == 0 || len(wk) != len(wq) || (qHeads+kHeads)*len(wq) > width {
+		return nil, fmt.Errorf("student: %s: %d q and %d k norm weights for %d+%d heads in rows of %d", name, len(wq), len(wk), qHeads, kHeads, width)
+	}
+	same := func(s []gtensor.Shape) (gtensor.Shape, error) {
+		if err := sameShapes(name, s); err != nil {
+			return nil, err
+		}
+		_, err := matShape(name, s[0], width)
+		return s[0].Clone(), err
+	}
+	back := func() *op { // a fresh op (and output buffer) per gradient node
+		return &op{
+			name: name + ".backward", typ: binary, arity: 2, shape: same,
+			run: func(o []float32, v []gorgonia.Value) error {
+				f, err := inputs(v)
+				if err != nil {
+					return err
+				}
+				headNormBackward(o, f[0], f[1], width, qHeads, kHeads, wq, wk, eps)
+				return nil
+			},
+		}
+	}
+	fwd := &op{
+		name: name, typ: unary, arity: 1, wrt: []bool{true}, shape: same,
+		run: func(o []float32, v []gorgonia.Value) error {
+			x, err := floats(v[0])
+			if err != nil {
+				return err
+			}
+			headNormForward(o, x, width, qHeads, kHeads, wq, wk, eps)
+			return nil
+		},
+		diff: func(in gorgonia.Nodes, _, grad *gorgonia.Node) (gorgonia.Nodes, error) {
+			dx, err := gorgonia.ApplyOp(back(), in[0], grad)
+			return nodes(dx), err
+		},
+	}
+	return gorgonia.ApplyOp(fwd, x)
+}
+
 // ropeNode rotates the first `heads` heads of every row of x (rows of width `width`,
 // positions row % T) and passes the other columns through.
 func ropeNode(name string, x *gorgonia.Node, width, heads, T int, tab *ropeTables) (*gorgonia.Node, error) {
@@ -155,7 +200,8 @@ func ropeNode(name string, x *gorgonia.Node, width, heads, T int, tab *ropeTable
 	return gorgonia.ApplyOp(fwd, x)
 }
 
-// attentionNode applies causal grouped-query attention to fused [q | k | v] rows.
+// attentionNode applies causal grouped-query attention (with a.window, sliding) to fused
+// [q | k | v] rows.
 func attentionNode(name string, qkv *gorgonia.Node, a attnShape) (*gorgonia.Node, error) {
 	W, OW := a.width(), a.outWidth()
 	rows := func(s gtensor.Shape, cols int) (int, error) {

@@ -84,6 +84,8 @@ func TestOpsThroughGorgonia(t *testing.T) {
 	inv := []float32{1, 0.3}
 	tab := newRopeTables(inv, 3)
 	a := attnShape{T: 3, heads: 4, kvHeads: 2, hd: 2}
+	aw := attnShape{T: 5, heads: 2, kvHeads: 1, hd: 2, window: 2}
+	wq, wk := randSlice(rng, 2, 1), randSlice(rng, 2, 1)
 	head := randMatrix(rng, 11, 6, 1)
 	idx := make([]int32, 6*4)
 	for i := range idx {
@@ -112,6 +114,12 @@ func TestOpsThroughGorgonia(t *testing.T) {
 		{"attention", 6, a.width(), func(g *gorgonia.ExprGraph, x *gorgonia.Node) (*gorgonia.Node, error) {
 			return attentionNode("attention", x, a)
 		}, func(x []float64) []float64 { return refAttention(x, a) }},
+		{"attention-window", 10, aw.width(), func(g *gorgonia.ExprGraph, x *gorgonia.Node) (*gorgonia.Node, error) {
+			return attentionNode("attention-window", x, aw)
+		}, func(x []float64) []float64 { return refAttention(x, aw) }},
+		{"qk-norm", 4, 10, func(g *gorgonia.ExprGraph, x *gorgonia.Node) (*gorgonia.Node, error) {
+			return headNormNode("qk-norm", x, 10, 2, 1, wq, wk, 1e-5)
+		}, func(x []float64) []float64 { return refHeadNorm(x, 10, 2, 1, wq, wk, 1e-5) }},
 		{"swiglu", 3, 8, func(g *gorgonia.ExprGraph, x *gorgonia.Node) (*gorgonia.Node, error) {
 			return swigluNode("swiglu", x, 4)
 		}, func(x []float64) []float64 { return refSwiGLU(x, 4) }},
@@ -146,6 +154,12 @@ func TestOpShapeErrors(t *testing.T) {
 	}
 	if _, err := attentionNode("attention", x, attnShape{T: 3, heads: 1, kvHeads: 1, hd: 2}); err == nil {
 		t.Fatal("attention accepted 4 rows for 3-token sequences")
+	}
+	if _, err := headNormNode("qk-norm", x, 6, 2, 2, make([]float32, 2), make([]float32, 2), 1e-5); err == nil {
+		t.Fatal("qk-norm accepted 4 heads of 2 in rows of 6")
+	}
+	if _, err := headNormNode("qk-norm", x, 6, 1, 1, make([]float32, 2), make([]float32, 3), 1e-5); err == nil {
+		t.Fatal("qk-norm accepted q and k norms of different widths")
 	}
 	if _, err := swigluNode("swiglu", x, 4); err == nil {
 		t.Fatal("swiglu accepted 6 columns for 2·4")

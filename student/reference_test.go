@@ -34,6 +34,7 @@ func refLinear(x []float64, ws []*tensor.Matrix, bias [][]float32) []float64 {
 	for r := range n {
 		c := 0
 		for j, w := range ws {
+			w := w.F32() // a half weight, widened
 			for o := range w.Rows {
 				var s float64
 				for i := range in {
@@ -94,10 +95,14 @@ func refAttention(qkv []float64, a attnShape) []float64 {
 	for i := range n {
 		t := i % a.T
 		start := i - t
+		j0 := 0 // first visible key
+		if a.window > 0 {
+			j0 = max(0, t-a.window+1)
+		}
 		for h := range a.heads {
 			kh := h / G
 			mx := math.Inf(-1)
-			for j := 0; j <= t; j++ {
+			for j := j0; j <= t; j++ {
 				var s float64
 				for c := range hd {
 					s += qkv[i*W+h*hd+c] * qkv[(start+j)*W+(a.heads+kh)*hd+c]
@@ -106,13 +111,13 @@ func refAttention(qkv []float64, a attnShape) []float64 {
 				mx = math.Max(mx, sc[j])
 			}
 			var sum float64
-			for j := 0; j <= t; j++ {
+			for j := j0; j <= t; j++ {
 				sc[j] = math.Exp(sc[j] - mx)
 				sum += sc[j]
 			}
 			for c := range hd {
 				var o float64
-				for j := 0; j <= t; j++ {
+				for j := j0; j <= t; j++ {
 					o += sc[j] * qkv[(start+j)*W+(a.heads+a.kvHeads+kh)*hd+c]
 				}
 				out[i*OW+h*hd+c] = o / sum
@@ -120,6 +125,24 @@ func refAttention(qkv []float64, a attnShape) []float64 {
 		}
 	}
 	return out
+}
+
+// refHeadNorm applies RMSNorm to each of the first qHeads+kHeads heads of width len(wq) of
+// every row (wq for the first qHeads, wk for the others) and copies the other columns.
+func refHeadNorm(x []float64, width, qHeads, kHeads int, wq, wk []float32, eps float32) []float64 {
+	hd := len(wq)
+	y := slices.Clone(x)
+	for i := range len(x) / width {
+		for h := range qHeads + kHeads {
+			w := wq
+			if h >= qHeads {
+				w = wk
+			}
+			off := i*width + h*hd
+			copy(y[off:off+hd], refRMSNorm(x[off:off+hd], w, eps))
+		}
+	}
+	return y
 }
 
 func refSwiGLU(gu []float64, f int) []float64 {
@@ -135,6 +158,7 @@ func refSwiGLU(gu []float64, f int) []float64 {
 }
 
 func refGather(h []float64, idx []int32, w *tensor.Matrix, k int) []float64 {
+	w = w.F32() // a half head, widened
 	d := w.Cols
 	n := len(h) / d
 	z := make([]float64, n*k)
@@ -228,7 +252,7 @@ func refHidden(m *model.Model, end, T int, x, p []float64) []float64 {
 			h[r*d+j] = s
 		}
 	}
-	a := attnShape{T: T, heads: c.Heads, kvHeads: c.KVHeads, hd: c.HeadDim}
+	a := attnShape{T: T, heads: c.Heads, kvHeads: c.KVHeads, hd: c.HeadDim, window: c.SlidingWindow}
 	inv := ropeInvFreq(c)
 	for l := end; l < c.Layers; l++ {
 		ly := m.Layers[l]
@@ -237,6 +261,9 @@ func refHidden(m *model.Model, end, T int, x, p []float64) []float64 {
 			bias = [][]float32{ly.Bq, ly.Bk, ly.Bv}
 		}
 		qkv := refLinear(refRMSNorm(h, ly.AttnNorm, c.NormEps), []*tensor.Matrix{ly.Wq, ly.Wk, ly.Wv}, bias)
+		if ly.QNorm != nil {
+			qkv = refHeadNorm(qkv, a.width(), c.Heads, c.KVHeads, ly.QNorm, ly.KNorm, c.NormEps)
+		}
 		qkv = refRope(qkv, a.width(), c.Heads+c.KVHeads, T, inv)
 		h = refAdd(h, refLinear(refAttention(qkv, a), []*tensor.Matrix{ly.Wo}, nil))
 		gu := refLinear(refRMSNorm(h, ly.MLPNorm, c.NormEps), []*tensor.Matrix{ly.Wgate, ly.Wup}, nil)
@@ -354,7 +381,16 @@ func randMatrix(rng *rand.Rand, rows, cols int, std float64) *tensor.Matrix {
 // tinyModel is the small synthetic model of the gradient tests.
 func tinyModel(t testing.TB, bias bool) *model.Model {
 	t.Helper()
-	m, err := model.Synthetic(model.Config{Dim: 16, Layers: 4, Heads: 4, KVHeads: 2, FFN: 32, Vocab: 50, QKVBias: bias}, 7)
+	return tinyArch(t, model.Config{QKVBias: bias})
+}
+
+// tinyArch is tinyModel with the architecture features of feat (QKVBias, QKNorm and
+// HeadDim, SlidingWindow) switched on.
+func tinyArch(t testing.TB, feat model.Config) *model.Model {
+	t.Helper()
+	cfg := model.Config{Dim: 16, Layers: 4, Heads: 4, KVHeads: 2, FFN: 32, Vocab: 50,
+		QKVBias: feat.QKVBias, QKNorm: feat.QKNorm, HeadDim: feat.HeadDim, SlidingWindow: feat.SlidingWindow}
+	m, err := model.Synthetic(cfg, 7)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -392,3 +428,16 @@ func randPatch(rng *rand.Rand, d int, noise float64) *tensor.Matrix {
 }
 
 func caseName(format string, args ...any) string { return fmt.Sprintf(format, args...) }
+
+// featName names the architecture feature switched on in feat (see tinyArch).
+func featName(feat model.Config) string {
+	switch {
+	case feat.QKVBias:
+		return "qwen2-bias"
+	case feat.QKNorm:
+		return "qwen3-qknorm"
+	case feat.SlidingWindow > 0:
+		return "mistral-window"
+	}
+	return "llama"
+}

@@ -3,8 +3,10 @@
 // j..L−1, the final norm and the head, and AdamW trains P alone against the teacher's
 // cached top-k probabilities (or full logits, or final hidden state).
 //
-// The differentiable part is a gorgonia graph built once per batch shape and re-run with
-// new inputs every step. Gorgonia lacks fast causal attention, RMSNorm, RoPE and a sparse
+// The differentiable part is a gorgonia graph of one window, built once and re-run with new
+// inputs for every window: a step of B windows runs it B times and sums the windows'
+// gradients in window order (StepGradient), so a window's gradient never depends on the
+// other windows of its step, nor on which process computed it. Gorgonia lacks fast causal attention, RMSNorm, RoPE and a sparse
 // head, so those (and the frozen projections and SwiGLU) are custom ops with their own
 // backward ops, checked against finite differences in the tests; X·P is gorgonia's own
 // matmul, whose gradient gives dL/dP. In cgo builds gorgonia's BLAS is OpenBLAS (through
@@ -58,16 +60,12 @@ const PaperLossScale = 1.0
 // SuffixOptions configure a Suffix; Validate fills the defaults.
 type SuffixOptions struct {
 	SeqLen int      // tokens per window T (required)
-	Batch  int      // windows per step the first graph is built for (default 1)
 	Loss   LossKind // default LossTopKKL
 	K      int      // teacher top-k (default 50); used by LossTopKKL only
 }
 
 // Validate checks the options and fills defaults. It returns an error wrapping ErrOptions.
 func (o *SuffixOptions) Validate() error {
-	if o.Batch == 0 {
-		o.Batch = 1
-	}
 	if o.Loss == "" {
 		o.Loss = LossTopKKL
 	}
@@ -77,8 +75,6 @@ func (o *SuffixOptions) Validate() error {
 	switch {
 	case o.SeqLen <= 0:
 		return fmt.Errorf("%w: seq-len %d must be positive", ErrOptions, o.SeqLen)
-	case o.Batch < 0:
-		return fmt.Errorf("%w: batch %d must be positive", ErrOptions, o.Batch)
 	case o.K < 0:
 		return fmt.Errorf("%w: top-k %d must be positive", ErrOptions, o.K)
 	}
@@ -117,7 +113,7 @@ type Suffix struct {
 // NewSuffix returns the suffix of m after the cut at layer end with P initialized to a copy
 // of p0 (nil: the identity). m must hold layers end..L−1 and, except for LossMSE, the final
 // norm and the head; its other layers may be nil. Layer indices are the unpruned model's;
-// m.Patch, if any, is ignored (P is the suffix's own). The graph for opts.Batch windows is
+// m.Patch, if any, is ignored (P is the suffix's own). The training graph (one window) is
 // built at once. Errors wrap ErrOptions, ErrModel or ErrGraph.
 func NewSuffix(m *model.Model, end int, p0 *tensor.Matrix, opts SuffixOptions) (*Suffix, error) {
 	if err := opts.Validate(); err != nil {
@@ -163,7 +159,7 @@ func NewSuffix(m *model.Model, end int, p0 *tensor.Matrix, opts SuffixOptions) (
 	}
 	s.pv = gtensor.New(gtensor.WithShape(c.Dim, c.Dim), gtensor.WithBacking(s.p))
 	s.rope = newRopeTables(ropeInvFreq(c), opts.SeqLen)
-	if _, err := s.graphFor(graphKey{kind: opts.Loss, batch: opts.Batch}); err != nil {
+	if _, err := s.graphFor(graphKey{kind: opts.Loss, batch: 1}); err != nil {
 		return nil, err
 	}
 	return s, nil
@@ -188,6 +184,12 @@ func checkLayer(ly *model.Layer, c *model.Config) error {
 	}
 	if (ly.Bq != nil && len(ly.Bq) != q) || (ly.Bk != nil && len(ly.Bk) != kv) || (ly.Bv != nil && len(ly.Bv) != kv) {
 		return errors.New("q/k/v bias of the wrong size")
+	}
+	if c.QKVBias && (ly.Bq == nil || ly.Bk == nil || ly.Bv == nil) {
+		return errors.New("q/k/v biases missing")
+	}
+	if (ly.QNorm != nil || ly.KNorm != nil || c.QKNorm) && (len(ly.QNorm) != c.HeadDim || len(ly.KNorm) != c.HeadDim) {
+		return fmt.Errorf("q/k norm weights missing or not of head_dim %d", c.HeadDim)
 	}
 	return nil
 }
@@ -225,28 +227,31 @@ func (s *Suffix) SetP(p []float32) {
 	copy(s.p, p)
 }
 
-// Step runs the loss and its gradient for a batch of windows: it returns the mean loss
-// over the windows and dL/dP (d×d, a fresh slice). Errors wrap ErrBatch for examples that
-// do not fit and ErrGraph for failures inside gorgonia.
-func (s *Suffix) Step(batch []Example) (loss float64, grad []float32, err error) {
-	g, err := s.prepare(batch)
+// WindowGradient runs one window's loss and its gradient: a forward and a backward
+// through the one-window graph, whose shapes (and so whose bits) are the same whatever the
+// step's batch. It returns dL/dP (d×d, a fresh slice) and the window's loss, its mean over
+// the window's T tokens. Errors wrap ErrBatch for an example that does not fit and
+// ErrGraph for failures inside gorgonia.
+func (s *Suffix) WindowGradient(ex Example) (grad []float32, loss float64, err error) {
+	g, err := s.prepare(ex)
 	if err != nil {
-		return 0, nil, err
+		return nil, 0, err
 	}
 	if err := g.run(g.train); err != nil {
-		return 0, nil, err
+		return nil, 0, err
 	}
 	gv, err := floats(g.grad.Value())
 	if err != nil {
-		return 0, nil, fmt.Errorf("%w: gradient: %v", ErrGraph, err)
+		return nil, 0, fmt.Errorf("%w: gradient: %v", ErrGraph, err)
 	}
 	loss, err = g.lossValue()
-	return loss, append([]float32(nil), gv...), err
+	return append([]float32(nil), gv...), loss, err
 }
 
-// Loss returns the mean loss over a batch of windows, forward only (validation).
-func (s *Suffix) Loss(batch []Example) (float64, error) {
-	g, err := s.prepare(batch)
+// WindowLoss returns one window's loss, forward only (validation); it equals
+// WindowGradient's loss bit for bit.
+func (s *Suffix) WindowLoss(ex Example) (float64, error) {
+	g, err := s.prepare(ex)
 	if err != nil {
 		return 0, err
 	}
@@ -254,6 +259,46 @@ func (s *Suffix) Loss(batch []Example) (float64, error) {
 		return 0, err
 	}
 	return g.lossValue()
+}
+
+// Step returns the mean loss of a batch of windows and the step's gradient as the trainer
+// computes it: the windows' gradients (WindowGradient) summed in float64 in batch order,
+// divided by the batch size, here rounded to float32. Errors as WindowGradient's, and
+// ErrBatch for an empty batch.
+func (s *Suffix) Step(batch []Example) (loss float64, grad []float32, err error) {
+	if len(batch) == 0 {
+		return 0, nil, fmt.Errorf("%w: empty batch", ErrBatch)
+	}
+	sum := newGradSum(len(s.p))
+	for i, ex := range batch {
+		g, l, err := s.WindowGradient(ex)
+		if err != nil {
+			return 0, nil, fmt.Errorf("example %d: %w", i, err)
+		}
+		sum.add(g, l)
+	}
+	mean, loss := sum.mean()
+	grad = make([]float32, len(mean))
+	for i, v := range mean {
+		grad[i] = float32(v)
+	}
+	return loss, grad, nil
+}
+
+// Loss returns the mean of the windows' losses (WindowLoss), summed in batch order.
+func (s *Suffix) Loss(batch []Example) (float64, error) {
+	if len(batch) == 0 {
+		return 0, fmt.Errorf("%w: empty batch", ErrBatch)
+	}
+	var sum float64
+	for i, ex := range batch {
+		l, err := s.WindowLoss(ex)
+		if err != nil {
+			return 0, fmt.Errorf("example %d: %w", i, err)
+		}
+		sum += l
+	}
+	return sum / float64(len(batch)), nil
 }
 
 // Forward runs one window X_i (T×d, row-major) through P, the layers, the final norm and
@@ -282,65 +327,49 @@ func (s *Suffix) Forward(xcut []float32) []float32 {
 	return append([]float32(nil), out...)
 }
 
-// prepare checks a batch, finds (or builds) its graph and loads the inputs into it.
-func (s *Suffix) prepare(batch []Example) (*graph, error) {
-	if len(batch) == 0 {
-		return nil, fmt.Errorf("%w: empty batch", ErrBatch)
-	}
+// prepare checks an example, finds (or builds) the one-window graph and loads the inputs
+// into it.
+func (s *Suffix) prepare(ex Example) (*graph, error) {
 	T, d, K, V := s.opts.SeqLen, s.d, s.opts.K, s.m.Vocab
-	for i, ex := range batch {
-		if len(ex.XCut) != T*d {
-			return nil, fmt.Errorf("%w: example %d: XCut has %d values, want %d×%d", ErrBatch, i, len(ex.XCut), T, d)
-		}
-		switch s.opts.Loss {
-		case LossTopKKL:
-			if len(ex.TopKIdx) != T*K || len(ex.TopKProb) != T*K {
-				return nil, fmt.Errorf("%w: example %d: %d top-k ids and %d probabilities, want %d×%d",
-					ErrBatch, i, len(ex.TopKIdx), len(ex.TopKProb), T, K)
-			}
-			for _, id := range ex.TopKIdx {
-				if id < 0 || int(id) >= V {
-					return nil, fmt.Errorf("%w: example %d: token id %d outside the vocabulary of %d", ErrBatch, i, id, V)
-				}
-			}
-			for _, p := range ex.TopKProb {
-				if !(p >= 0 && p <= 1) {
-					return nil, fmt.Errorf("%w: example %d: probability %v outside [0, 1]", ErrBatch, i, p)
-				}
-			}
-		case LossFullKL, LossMSE:
-			if len(ex.XFinal) != T*d {
-				return nil, fmt.Errorf("%w: example %d: XFinal has %d values, want %d×%d", ErrBatch, i, len(ex.XFinal), T, d)
-			}
-		}
-	}
-	g, err := s.graphFor(graphKey{kind: s.opts.Loss, batch: len(batch)})
-	if err != nil {
-		return nil, err
-	}
-	x := g.xv.Float32s()
-	for i, ex := range batch {
-		copy(x[i*T*d:], ex.XCut)
+	if len(ex.XCut) != T*d {
+		return nil, fmt.Errorf("%w: XCut has %d values, want %d×%d", ErrBatch, len(ex.XCut), T, d)
 	}
 	switch s.opts.Loss {
 	case LossTopKKL:
-		p, idx := g.tv.Float32s(), g.iv.Int32s()
-		for i, ex := range batch {
-			copy(p[i*T*K:], ex.TopKProb)
-			copy(idx[i*T*K:], ex.TopKIdx)
+		if len(ex.TopKIdx) != T*K || len(ex.TopKProb) != T*K {
+			return nil, fmt.Errorf("%w: %d top-k ids and %d probabilities, want %d×%d",
+				ErrBatch, len(ex.TopKIdx), len(ex.TopKProb), T, K)
 		}
-		g.constant = negEntropy(p, K)
+		for _, id := range ex.TopKIdx {
+			if id < 0 || int(id) >= V {
+				return nil, fmt.Errorf("%w: token id %d outside the vocabulary of %d", ErrBatch, id, V)
+			}
+		}
+		for _, p := range ex.TopKProb {
+			if !(p >= 0 && p <= 1) {
+				return nil, fmt.Errorf("%w: probability %v outside [0, 1]", ErrBatch, p)
+			}
+		}
+	case LossFullKL, LossMSE:
+		if len(ex.XFinal) != T*d {
+			return nil, fmt.Errorf("%w: XFinal has %d values, want %d×%d", ErrBatch, len(ex.XFinal), T, d)
+		}
+	}
+	g, err := s.graphFor(graphKey{kind: s.opts.Loss, batch: 1})
+	if err != nil {
+		return nil, err
+	}
+	copy(g.xv.Float32s(), ex.XCut)
+	switch s.opts.Loss {
+	case LossTopKKL:
+		copy(g.tv.Float32s(), ex.TopKProb)
+		copy(g.iv.Int32s(), ex.TopKIdx)
+		g.constant = negEntropy(g.tv.Float32s(), K)
 	case LossFullKL:
-		xf := g.xf.Data
-		for i, ex := range batch {
-			copy(xf[i*T*d:], ex.XFinal)
-		}
+		copy(g.xf.Data, ex.XFinal)
 		g.constant = s.teacherProbs(g)
 	case LossMSE:
-		t := g.tv.Float32s()
-		for i, ex := range batch {
-			copy(t[i*T*d:], ex.XFinal)
-		}
+		copy(g.tv.Float32s(), ex.XFinal)
 	}
 	return g, nil
 }

@@ -5,6 +5,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"testing"
 
 	"linearpatch/model"
@@ -18,18 +19,20 @@ func TestStepGradient(t *testing.T) {
 	for _, c := range []struct {
 		loss LossKind
 		end  int
-		bias bool
+		arch model.Config // features switched on
 	}{
-		{LossTopKKL, 2, false},
-		{LossTopKKL, 1, true}, // q/k/v biases (Qwen2)
-		{LossFullKL, 2, false},
-		{LossMSE, 2, false},
-		{LossTopKKL, 4, false}, // cut right before the final norm: no layers
+		{LossTopKKL, 2, model.Config{}},
+		{LossTopKKL, 1, model.Config{QKVBias: true}},            // q/k/v biases (Qwen2)
+		{LossTopKKL, 1, model.Config{QKNorm: true, HeadDim: 6}}, // q/k norm, head_dim ≠ d/heads (Qwen3)
+		{LossFullKL, 2, model.Config{SlidingWindow: 2}},         // sliding window shorter than T (Mistral)
+		{LossFullKL, 2, model.Config{}},
+		{LossMSE, 2, model.Config{}},
+		{LossTopKKL, 4, model.Config{}}, // cut right before the final norm: no layers
 	} {
-		t.Run(caseName("%s/end=%d/bias=%v", c.loss, c.end, c.bias), func(t *testing.T) {
+		t.Run(caseName("%s/end=%d/%s", c.loss, c.end, featName(c.arch)), func(t *testing.T) {
 			rng := rand.New(rand.NewPCG(11, uint64(c.end)))
-			m := tinyModel(t, c.bias)
-			opts := SuffixOptions{SeqLen: 5, Batch: 2, Loss: c.loss, K: 7}
+			m := tinyArch(t, c.arch)
+			opts := SuffixOptions{SeqLen: 5, Loss: c.loss, K: 7}
 			p0 := randPatch(rng, m.Dim, 0.1)
 			s, err := NewSuffix(m, c.end, p0, opts)
 			if err != nil {
@@ -66,7 +69,7 @@ func TestStepGradient(t *testing.T) {
 func TestStepRerun(t *testing.T) {
 	rng := rand.New(rand.NewPCG(12, 1))
 	m := tinyModel(t, false)
-	opts := SuffixOptions{SeqLen: 6, Batch: 2, K: 5}
+	opts := SuffixOptions{SeqLen: 6, K: 5}
 	s, err := NewSuffix(m, 1, nil, opts)
 	if err != nil {
 		t.Fatal(err)
@@ -125,6 +128,9 @@ func TestForwardMatchesEngine(t *testing.T) {
 		{"tiny-bias", model.Config{Dim: 16, Layers: 4, Heads: 4, KVHeads: 2, FFN: 32, Vocab: 50, QKVBias: true}, 1, 4},
 		{"tinystories-shape", model.Config{Dim: 128, Layers: 8, Heads: 4, KVHeads: 2, FFN: 352, Vocab: 1024, HeadDim: 32}, 5, 70},
 		{"no-layers", model.Config{Dim: 16, Layers: 4, Heads: 4, KVHeads: 2, FFN: 32, Vocab: 50}, 4, 3},
+		{"qwen3-qknorm", model.Config{Dim: 32, Layers: 3, Heads: 4, KVHeads: 2, FFN: 48, Vocab: 60, HeadDim: 12, QKNorm: true}, 1, 20},
+		{"mistral-window", model.Config{Dim: 32, Layers: 3, Heads: 4, KVHeads: 2, FFN: 48, Vocab: 60, SlidingWindow: 7}, 1, 70},
+		{"tinystories-shape-bf16", model.Config{Dim: 128, Layers: 8, Heads: 4, KVHeads: 2, FFN: 352, Vocab: 1024, HeadDim: 32}, 5, 70},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -132,6 +138,9 @@ func TestForwardMatchesEngine(t *testing.T) {
 			m, err := model.Synthetic(c.cfg, 3)
 			if err != nil {
 				t.Fatal(err)
+			}
+			if strings.HasSuffix(c.name, "-bf16") {
+				m = m.WithDType(tensor.BF16) // weights stay BF16 in the student and the engine
 			}
 			p := randPatch(rng, m.Dim, 0.05)
 			s, err := NewSuffix(m, c.end, p, SuffixOptions{SeqLen: c.T})
@@ -317,7 +326,7 @@ func TestTrainingReducesLoss(t *testing.T) {
 			copy(batch[b].TopKProb[r*K:], z)
 		}
 	}
-	s, err := NewSuffix(m, end, randPatch(rng, m.Dim, 0.3), SuffixOptions{SeqLen: T, Batch: 2, K: K})
+	s, err := NewSuffix(m, end, randPatch(rng, m.Dim, 0.3), SuffixOptions{SeqLen: T, K: K})
 	if err != nil {
 		t.Fatal(err)
 	}

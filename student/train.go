@@ -33,10 +33,10 @@ type TrainConfig struct {
 	Eps         float64  `json:"eps"`          // 0: 1e-8
 	MinLRFrac   float64  `json:"min_lr_frac"`  // cosine floor as a fraction of LR (0: 1/20; < 0: decay to 0)
 	Epochs      int      `json:"epochs"`       // 0: 1
-	Batch       int      `json:"batch"`        // windows per step (0: 1)
+	Batch       int      `json:"batch"`        // windows per step (0: 1); the step's gradient is the mean of theirs, summed in window order
 	Loss        LossKind `json:"loss"`         // "": topk-kl; must equal the suffix's
 	K           int      `json:"k"`            // top-k (0: 50); must equal the suffix's for topk-kl
-	Seed        uint64   `json:"seed"`         // data-order seed (0: 1)
+	Seed        uint64   `json:"seed"`         // data-order seed; every value, 0 included, is a seed (DefaultTrainConfig: 1)
 	// CheckpointEvery saves a checkpoint every so many steps (0: 100; < 0: only at the end
 	// and when interrupted). It is the one field a resume may change.
 	CheckpointEvery int `json:"checkpoint_every"`
@@ -51,7 +51,7 @@ type TrainConfig struct {
 
 // DefaultTrainConfig returns the paper's settings (Validate's defaults).
 func DefaultTrainConfig() TrainConfig {
-	c := TrainConfig{}
+	c := TrainConfig{Seed: 1}
 	_ = c.Validate()
 	return c
 }
@@ -81,9 +81,6 @@ func (c *TrainConfig) Validate() error {
 	}
 	if c.K == 0 {
 		c.K = 50
-	}
-	if c.Seed == 0 {
-		c.Seed = 1
 	}
 	if c.CheckpointEvery == 0 {
 		c.CheckpointEvery = 100
@@ -305,6 +302,14 @@ type Result struct {
 
 // Trainer distills P: it owns the loop, the optimizer and the checkpoints. A Trainer is
 // not safe for concurrent use, nor are its Suffix and ShardData while it runs.
+//
+// A step of B windows computes each window's gradient alone (its own forward and backward
+// through a graph of one window, whatever B) and sums them in float64 in window order,
+// then divides by B (StepGradient); AdamW takes that float64 mean. So a step's result does
+// not depend on where its windows' gradients were computed: Run is the loop of
+// StepWindows, WindowGradient and ApplyStep in one process, and callers that split a
+// step's windows between trainers (other goroutines, other machines) and add their
+// WindowGrads to one StepGradient get the same P bit for bit (same build, same kind of CPU).
 type Trainer struct {
 	s     *Suffix
 	data  *ShardData
@@ -403,23 +408,41 @@ func (t *Trainer) Run(ctx context.Context, resume bool) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	h := loopHooks{step: t.step, saveOnAbort: true}
+	if t.store != nil {
+		h.save = t.store.Save
+	}
+	return t.loop(ctx, ck, h)
+}
+
+// loopHooks are what Run and RunShared do differently: how a step is computed, how a
+// checkpoint is saved, and what happens before each step.
+type loopHooks struct {
+	step        func(ctx context.Context, ck *Checkpoint) (ProgressInfo, error)
+	save        func(ctx context.Context, ck *Checkpoint) error // nil: no checkpoints
+	saveOnAbort bool                                            // save the state reached when returning early
+	// before, if set, runs before each step (after its validation and checkpoint) and may
+	// replace the state (a newer checkpoint another student saved).
+	before func(ctx context.Context, ck *Checkpoint) (*Checkpoint, error)
+}
+
+// loop trains from ck to the end of the schedule (or an early stop): validation passes,
+// checkpoints, progress; the steps themselves are h.step's.
+func (t *Trainer) loop(ctx context.Context, ck *Checkpoint, h loopHooks) (*Result, error) {
 	resumedFrom := ck.Step
 	if ck.Done {
 		t.log.Info("student: run already finished", "step", ck.Step)
 		return t.result(ck, resumedFrom), nil
 	}
 	t.s.SetP(ck.P)
-	cfg := &t.cfg
-	adam := &AdamW{LR: cfg.LR, WeightDecay: cfg.weightDecay(), Beta1: cfg.Beta1, Beta2: cfg.Beta2,
-		Eps: cfg.Eps, M: ck.M, V: ck.V, Step: ck.AdamStep}
 	sess := session{start: time.Now(), base: ck.Elapsed, step0: ck.Step}
 	lastSaved := ck.Step
 	save := func(c context.Context) error {
-		if t.store == nil {
+		if h.save == nil {
 			return nil
 		}
 		ck.Elapsed = sess.elapsed()
-		if err := t.store.Save(c, ck); err != nil {
+		if err := h.save(c, ck); err != nil {
 			return err
 		}
 		lastSaved = ck.Step
@@ -428,7 +451,7 @@ func (t *Trainer) Run(ctx context.Context, resume bool) (*Result, error) {
 	}
 	// abort saves the state (at a step boundary) before returning err.
 	abort := func(err error) (*Result, error) {
-		if t.store != nil && ck.Step != lastSaved {
+		if h.saveOnAbort && h.save != nil && ck.Step != lastSaved {
 			if serr := save(context.WithoutCancel(ctx)); serr != nil {
 				err = errors.Join(err, fmt.Errorf("student: saving the checkpoint at step %d: %w", ck.Step, serr))
 			}
@@ -466,7 +489,26 @@ func (t *Trainer) Run(ctx context.Context, resume bool) (*Result, error) {
 				return nil, err
 			}
 		}
-		info, err := t.step(ctx, ck, adam)
+		if h.before != nil {
+			nck, err := h.before(ctx, ck)
+			if err != nil {
+				return abort(err)
+			}
+			if nck != ck {
+				ck, lastSaved = nck, nck.Step
+				sess = session{start: time.Now(), base: ck.Elapsed, step0: ck.Step}
+				t.s.SetP(ck.P)
+				if ck.Done {
+					t.log.Info("student: run already finished", "step", ck.Step)
+					return t.result(ck, resumedFrom), nil
+				}
+				continue
+			}
+		}
+		info, err := h.step(ctx, ck)
+		if errors.Is(err, errBehind) {
+			continue // h.before loads the newer checkpoint
+		}
 		if err != nil {
 			return abort(err)
 		}
@@ -491,7 +533,7 @@ func (t *Trainer) Run(ctx context.Context, resume bool) (*Result, error) {
 	if err := save(context.WithoutCancel(ctx)); err != nil {
 		return nil, err
 	}
-	if t.store == nil {
+	if h.save == nil {
 		ck.Elapsed = sess.elapsed()
 	}
 	return t.result(ck, resumedFrom), nil
@@ -602,7 +644,7 @@ func (t *Trainer) epochOrder(e int) []WindowRef {
 
 // batch fetches the windows of refs and checks them against the checkpoint's record of
 // shard checksums and the window length.
-func (t *Trainer) batch(ctx context.Context, ck *Checkpoint, refs []WindowRef) ([]Example, error) {
+func (t *Trainer) batch(ctx context.Context, ck *Checkpoint, refs []WindowRef) (*fetched, error) {
 	f, err := t.data.fetch(ctx, refs)
 	if err != nil {
 		return nil, err
@@ -619,56 +661,142 @@ func (t *Trainer) batch(ctx context.Context, ck *Checkpoint, refs []WindowRef) (
 			return nil, fmt.Errorf("%w: window %d has %d tokens, the suffix takes %d", ErrData, f.ids[i], len(ex.XCut)/t.s.d, t.seqLen)
 		}
 	}
-	return f.ex, nil
+	return f, nil
 }
 
-// step runs one optimizer step and advances ck.
-func (t *Trainer) step(ctx context.Context, ck *Checkpoint, adam *AdamW) (ProgressInfo, error) {
-	e, k := ck.Step/t.spe, ck.Step%t.spe
+// StepWindows returns the windows of step (0-based), in window order: the windows whose
+// gradients the step sums. It panics unless 0 ≤ step < TotalSteps.
+func (t *Trainer) StepWindows(step int) []WindowRef {
+	if step < 0 || step >= t.total {
+		panic(fmt.Sprintf("student: StepWindows(%d) of %d steps", step, t.total))
+	}
+	e, k := step/t.spe, step%t.spe
 	order := t.epochOrder(e)
-	lo, hi := k*t.cfg.Batch, min((k+1)*t.cfg.Batch, len(order))
-	ex, err := t.batch(ctx, ck, order[lo:hi])
+	return slices.Clone(order[k*t.cfg.Batch : min((k+1)*t.cfg.Batch, len(order))])
+}
+
+// WindowGradient computes the gradient of window ref's loss at patch p (d×d): its own
+// forward and backward, bit-identical wherever and alongside whatever it is computed (same
+// build, same kind of CPU). It leaves the trainer's suffix at p. It is the unit of work a
+// step's windows can be split into: StepGradient sums the results in window order and
+// ApplyStep applies them. It panics unless len(p) == d·d. Errors: the data's (a shard's
+// checksum: shards.ErrChecksum; ErrData), ctx's, the suffix's (ErrBatch, ErrGraph).
+func (t *Trainer) WindowGradient(ctx context.Context, p []float32, ref WindowRef) (WindowGrad, error) {
+	f, err := t.data.fetch(ctx, []WindowRef{ref})
+	if err != nil {
+		return WindowGrad{}, err
+	}
+	if len(f.ex[0].XCut) != t.seqLen*t.s.d {
+		return WindowGrad{}, fmt.Errorf("%w: window %d has %d tokens, the suffix takes %d", ErrData, f.ids[0], len(f.ex[0].XCut)/t.s.d, t.seqLen)
+	}
+	t.s.SetP(p)
+	g, loss, err := t.s.WindowGradient(f.ex[0])
+	if err != nil {
+		return WindowGrad{}, fmt.Errorf("student: window %+v: %w", ref, err)
+	}
+	return WindowGrad{Ref: ref, Grad: g, Loss: loss, ShardSHA256: f.shards[ref.Shard], Fingerprint: t.fpHash}, nil
+}
+
+// Release stops the data's background loading; call it when done driving steps without
+// Run (Run releases the data itself). The trainer stays usable.
+func (t *Trainer) Release() { t.data.Release() }
+
+// Start returns the state training goes on from: with resume, the store's checkpoint when
+// there is one (checked as Run checks it), else the state at P0. It is for callers that
+// drive the steps themselves (WindowGradient, ApplyStep); Run calls it. Errors as Run's.
+func (t *Trainer) Start(ctx context.Context, resume bool) (*Checkpoint, error) {
+	return t.start(ctx, resume)
+}
+
+// ApplyStep applies step ck.Step from its gradient g: it checks that g is that step's
+// and complete and that its shards' checksums agree with those ck recorded, applies AdamW
+// (cosine schedule) to ck.P with g's mean gradient, records the shards and the step's loss
+// in ck and advances it by one step; the trainer's suffix is left at the new P. g is
+// consumed. Errors: ErrStepGradient (another step, windows missing, g used),
+// ErrCheckpointMismatch (a shard changed), ErrDiverged (ck unchanged).
+func (t *Trainer) ApplyStep(ck *Checkpoint, g *StepGradient) (ProgressInfo, error) {
+	if ck.Step >= t.total {
+		return ProgressInfo{}, fmt.Errorf("%w: step %d of a run of %d steps", ErrStepGradient, ck.Step+1, t.total)
+	}
+	if g.step != ck.Step || g.size != len(ck.P) || !slices.Equal(g.refs, t.StepWindows(ck.Step)) {
+		return ProgressInfo{}, fmt.Errorf("%w: a gradient of step %d over %d windows, the checkpoint is at step %d",
+			ErrStepGradient, g.step+1, len(g.refs), ck.Step+1)
+	}
+	for sh, sum := range g.shards {
+		if old, ok := ck.ShardSHA256[sh]; ok && old != sum {
+			return ProgressInfo{}, fmt.Errorf("%w: shard %d's file changed (sha256 %s, the checkpoint used %s); start over without resume",
+				ErrCheckpointMismatch, sh, sum, old)
+		}
+	}
+	grad, loss, err := g.mean()
 	if err != nil {
 		return ProgressInfo{}, err
 	}
-	loss, grad, err := t.s.Step(ex)
-	if err != nil {
-		return ProgressInfo{}, fmt.Errorf("student: step %d: %w", ck.Step+1, err)
-	}
 	var g2 float64
-	for _, g := range grad {
-		g2 += float64(g) * float64(g)
+	for _, v := range grad {
+		g2 += v * v
 	}
 	if math.IsNaN(loss) || math.IsInf(loss, 0) || math.IsNaN(g2) || math.IsInf(g2, 0) {
 		return ProgressInfo{}, fmt.Errorf("%w: step %d: loss %v, squared gradient norm %v", ErrDiverged, ck.Step+1, loss, g2)
 	}
-	lr := CosineLR(t.cfg.LR, ck.Step, t.total, t.cfg.minLRFrac())
-	adam.Update(ck.P, grad, lr)
+	for sh, sum := range g.shards {
+		ck.ShardSHA256[sh] = sum
+	}
+	cfg := &t.cfg
+	adam := &AdamW{LR: cfg.LR, WeightDecay: cfg.weightDecay(), Beta1: cfg.Beta1, Beta2: cfg.Beta2,
+		Eps: cfg.Eps, M: ck.M, V: ck.V, Step: ck.AdamStep}
+	e := ck.Step / t.spe
+	lr := CosineLR(cfg.LR, ck.Step, t.total, cfg.minLRFrac())
+	adam.Update64(ck.P, grad, lr)
 	t.s.SetP(ck.P)
 	ck.Step++
 	ck.AdamStep = adam.Step
-	ck.Epoch, ck.Cursor = ck.Step/t.spe, min(ck.Step%t.spe*t.cfg.Batch, t.data.TrainWindows())
+	ck.Epoch, ck.Cursor = ck.Step/t.spe, min(ck.Step%t.spe*cfg.Batch, t.data.TrainWindows())
 	ck.TrainLoss = append(ck.TrainLoss, CurvePoint{ck.Step, loss})
 	return ProgressInfo{Step: ck.Step, TotalSteps: t.total, Epoch: e, Loss: loss, GradNorm: math.Sqrt(g2), LR: lr}, nil
 }
 
+// step runs one optimizer step and advances ck: every window's gradient in window order,
+// then ApplyStep.
+func (t *Trainer) step(ctx context.Context, ck *Checkpoint) (ProgressInfo, error) {
+	refs := t.StepWindows(ck.Step)
+	f, err := t.batch(ctx, ck, refs)
+	if err != nil {
+		return ProgressInfo{}, err
+	}
+	g := NewStepGradient(ck.Step, refs, len(ck.P))
+	for i, ex := range f.ex {
+		grad, loss, err := t.s.WindowGradient(ex)
+		if err != nil {
+			return ProgressInfo{}, fmt.Errorf("student: step %d, window %+v: %w", ck.Step+1, refs[i], err)
+		}
+		if err := g.Add(WindowGrad{Ref: refs[i], Grad: grad, Loss: loss, ShardSHA256: f.shards[refs[i].Shard]}); err != nil {
+			return ProgressInfo{}, err
+		}
+	}
+	return t.ApplyStep(ck, g)
+}
+
 // validate returns the mean loss of the suffix's patch (P at step) over all validation
-// windows, in batches of cfg.Batch.
+// windows: each window's loss alone (WindowLoss), summed in window order; the windows are
+// read cfg.Batch at a time.
 func (t *Trainer) validate(ctx context.Context, ck *Checkpoint, step int) (float64, error) {
 	var sum float64
 	for lo := 0; lo < len(t.valid); lo += t.cfg.Batch {
 		if err := ctx.Err(); err != nil {
 			return 0, fmt.Errorf("student: validation at step %d interrupted: %w", step, err)
 		}
-		ex, err := t.batch(ctx, ck, t.valid[lo:min(lo+t.cfg.Batch, len(t.valid))])
+		f, err := t.batch(ctx, ck, t.valid[lo:min(lo+t.cfg.Batch, len(t.valid))])
 		if err != nil {
 			return 0, err
 		}
-		l, err := t.s.Loss(ex)
-		if err != nil {
-			return 0, fmt.Errorf("student: validation at step %d: %w", step, err)
+		for _, ex := range f.ex {
+			l, err := t.s.WindowLoss(ex)
+			if err != nil {
+				return 0, fmt.Errorf("student: validation at step %d: %w", step, err)
+			}
+			sum += l
 		}
-		sum += l * float64(len(ex))
 	}
 	return sum / float64(len(t.valid)), nil
 }

@@ -32,7 +32,7 @@ func (fx *fixture) trainer(t testing.TB, cfg TrainConfig, store CheckpointStore,
 	if loss == "" {
 		loss = LossTopKKL
 	}
-	s, err := NewSuffix(fx.student(t), fx.end, nil, SuffixOptions{SeqLen: fx.T, Batch: max(cfg.Batch, 1), Loss: loss, K: fx.K})
+	s, err := NewSuffix(fx.student(t), fx.end, nil, SuffixOptions{SeqLen: fx.T, Loss: loss, K: fx.K})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -417,7 +417,7 @@ func TestTrainBeforeCacheComplete(t *testing.T) {
 			}
 		}
 	}
-	s, err := NewSuffix(fx.student(t), fx.end, nil, SuffixOptions{SeqLen: fx.T, Batch: cfg.Batch, K: fx.K})
+	s, err := NewSuffix(fx.student(t), fx.end, nil, SuffixOptions{SeqLen: fx.T, K: fx.K})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -438,9 +438,12 @@ func TestTrainConfigValidate(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := TrainConfig{LR: 1e-4, WeightDecay: 1e-4, Beta1: 0.9, Beta2: 0.999, Eps: 1e-8, MinLRFrac: 0.05,
-		Epochs: 1, Batch: 1, Loss: LossTopKKL, K: 50, Seed: 1, CheckpointEvery: 100}
-	if c != want || DefaultTrainConfig() != want {
-		t.Fatalf("defaults %+v", c)
+		Epochs: 1, Batch: 1, Loss: LossTopKKL, K: 50, Seed: 0, CheckpointEvery: 100}
+	if c != want {
+		t.Fatalf("defaults %+v (seed 0 is a seed, kept)", c)
+	}
+	if want.Seed = 1; DefaultTrainConfig() != want {
+		t.Fatalf("DefaultTrainConfig %+v", DefaultTrainConfig())
 	}
 	if c2 := c; c2.Validate() != nil || c2 != c {
 		t.Fatal("Validate is not idempotent")

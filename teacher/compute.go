@@ -60,8 +60,9 @@ type WindowRecord struct {
 }
 
 // Window computes one window's record for a cut starting at layer start, with top-k
-// targets of k tokens per position and, when final, the last layer's output.
-func (c *Compute) Window(ids []int, start, k int, final bool) (*WindowRecord, error) {
+// targets of k tokens per position and, when final, the last layer's output. It checks ctx
+// between layers and returns ctx's error once it ends.
+func (c *Compute) Window(ctx context.Context, ids []int, start, k int, final bool) (*WindowRecord, error) {
 	m := c.m
 	if start < 0 || start > m.Config.Layers {
 		return nil, fmt.Errorf("teacher: cut start %d outside 0..%d", start, m.Config.Layers)
@@ -78,9 +79,13 @@ func (c *Compute) Window(ids []int, start, k int, final bool) (*WindowRecord, er
 		rec.InputIDs[t] = int32(id)
 	}
 	x := m.Embeddings([][]int{ids})
-	m.RunLayers(x, T, 0, start, nil)
+	if err := m.RunLayersContext(ctx, x, T, 0, start, nil); err != nil {
+		return nil, err
+	}
 	rec.XCut = append([]float32(nil), x.Data...)
-	m.RunLayers(x, T, start, m.Config.Layers, nil)
+	if err := m.RunLayersContext(ctx, x, T, start, m.Config.Layers, nil); err != nil {
+		return nil, err
+	}
 	if final {
 		rec.XFinal = append([]float32(nil), x.Data...)
 	}

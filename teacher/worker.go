@@ -13,10 +13,11 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"linearpatch/coordinator"
+	"linearpatch/metrics"
 	"linearpatch/model"
 	"linearpatch/model/tensor"
 	"linearpatch/patch"
+	"linearpatch/protocol"
 	"linearpatch/shards"
 	"linearpatch/worker"
 )
@@ -35,13 +36,16 @@ type Options struct {
 	// WindowDelay slows the cache phase down by this much per window (fault-injection
 	// tests need a run long enough to kill a teacher in the middle).
 	WindowDelay time.Duration
+	// Metrics, when set, counts the worker's tokens, shards, published bytes and
+	// redelivered tasks.
+	Metrics *metrics.Teacher
 }
 
 // Worker pulls shard tasks and publishes their records. Run it with Run.
 type Worker struct {
 	o        Options
 	log      *slog.Logger
-	plan     *coordinator.Plan
+	plan     *protocol.Plan
 	calib    [][]int
 	train    [][]int
 	total    atomic.Int64
@@ -71,8 +75,8 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	w.started = time.Now()
 	w.maxBytes = worker.MaxPayload(w.o.NC)
-	loop, err := worker.NewTaskLoop(w.o.JS, w.o.Names, coordinator.TeacherConsumer,
-		[]string{string(coordinator.PhaseStats), string(coordinator.PhaseCache)}, w.handle,
+	loop, err := worker.NewTaskLoop(w.o.JS, w.o.Names, protocol.TeacherConsumer,
+		[]string{string(protocol.PhaseStats), string(protocol.PhaseCache)}, w.handle,
 		worker.WithLoopConfig(w.o.Stream), worker.WithLoopLogger(w.log))
 	if err != nil {
 		return err
@@ -90,10 +94,13 @@ func (w *Worker) load(ctx context.Context) error {
 		kv, err = w.o.JS.KeyValue(ctx, w.o.Names.KVBucket())
 		if err == nil {
 			var e jetstream.KeyValueEntry
-			if e, err = kv.Get(ctx, coordinator.KeyPlan); err == nil {
-				var p coordinator.Plan
+			if e, err = kv.Get(ctx, protocol.KeyPlan); err == nil {
+				var p protocol.Plan
 				if err := json.Unmarshal(e.Value(), &p); err != nil {
 					return fmt.Errorf("teacher: plan: %w", err)
+				}
+				if err := p.CheckVersion(); err != nil {
+					return fmt.Errorf("teacher: %w", err)
 				}
 				w.plan = &p
 				break
@@ -117,16 +124,16 @@ func (w *Worker) load(ctx context.Context) error {
 	streams := []struct {
 		name string
 		dst  *[][]int
-	}{{coordinator.ObjCalibTokens, &w.calib}, {coordinator.ObjTrainTokens, &w.train}}
+	}{{protocol.ObjCalibTokens, &w.calib}, {protocol.ObjTrainTokens, &w.train}}
 	for _, s := range streams {
-		b, err := obj.GetBytes(ctx, s.name)
-		if errors.Is(err, jetstream.ErrObjectNotFound) && s.name == coordinator.ObjTrainTokens {
+		b, _, err := worker.GetObject(ctx, obj, s.name)
+		if errors.Is(err, jetstream.ErrObjectNotFound) && s.name == protocol.ObjTrainTokens {
 			continue
 		}
 		if err != nil {
 			return fmt.Errorf("teacher: token stream %s: %w", s.name, err)
 		}
-		ids, err := coordinator.DecodeInt32s(b)
+		ids, err := protocol.DecodeInt32s(b)
 		if err != nil {
 			return err
 		}
@@ -138,9 +145,12 @@ func (w *Worker) load(ctx context.Context) error {
 // handle computes one shard and publishes its records; it returns only after every record
 // is stored by the server, so the task's ack means the shard's data is durable.
 func (w *Worker) handle(ctx context.Context, t worker.Task) error {
-	var task coordinator.Task
+	var task protocol.Task
 	if err := json.Unmarshal(t.Payload, &task); err != nil {
 		return fmt.Errorf("teacher: task payload: %w", err)
+	}
+	if t.Delivered > 1 {
+		w.o.Metrics.Redelivered()
 	}
 	if w.published(ctx, task) {
 		return nil
@@ -153,9 +163,9 @@ func (w *Worker) handle(ctx context.Context, t worker.Task) error {
 	var n int
 	var tokens int64
 	switch task.Phase {
-	case coordinator.PhaseStats:
+	case protocol.PhaseStats:
 		n, tokens, err = w.stats(ctx, task, pub)
-	case coordinator.PhaseCache:
+	case protocol.PhaseCache:
 		n, tokens, err = w.cache(ctx, task, pub, t.InProgress)
 	default:
 		err = fmt.Errorf("teacher: unknown phase %q", task.Phase)
@@ -163,14 +173,16 @@ func (w *Worker) handle(ctx context.Context, t worker.Task) error {
 	if err != nil {
 		return err
 	}
-	marker, _ := json.Marshal(coordinator.DoneMarker{Phase: task.Phase, Shard: task.Shard, Messages: n, Tokens: tokens, Teacher: w.o.Name})
-	key := worker.DataKey{Run: w.o.Names.Run(), Phase: string(task.Phase), Shard: task.Shard, Done: true}
-	if err := pub.Publish(ctx, key.Subject(), worker.MsgID(key), marker, nil); err != nil {
+	marker, _ := json.Marshal(protocol.DoneMarker{Phase: task.Phase, Shard: task.Shard, Messages: n, Tokens: tokens, Teacher: w.o.Name,
+		Attempt: task.Attempt})
+	key := worker.DataKey{Run: w.o.Names.Run(), Phase: string(task.Phase), Shard: task.Shard, Done: true, Attempt: task.Attempt}
+	if err := pub.Publish(ctx, key.Subject(), worker.MsgID(key), marker, w.headers()); err != nil {
 		return err
 	}
 	if err := pub.Flush(ctx); err != nil {
 		return err
 	}
+	w.o.Metrics.ShardDone(string(task.Phase))
 	el := time.Since(began)
 	w.log.Debug("shard published", "phase", task.Phase, "shard", task.Shard, "messages", n, "tokens", tokens,
 		"tokens_per_s", fmt.Sprintf("%.0f", float64(tokens)/el.Seconds()))
@@ -182,24 +194,36 @@ func (w *Worker) handle(ctx context.Context, t worker.Task) error {
 // teacher died, or the server went away with the ack in flight) is then acked without
 // being computed again. When the stream cannot be read, the shard is computed: records
 // republished under the same ids are dropped as duplicates or by the consumer's assembler.
-func (w *Worker) published(ctx context.Context, task coordinator.Task) bool {
+func (w *Worker) published(ctx context.Context, task protocol.Task) bool {
 	b, records, err := worker.StoredShard(ctx, w.o.JS, w.o.Names, string(task.Phase), task.Shard)
 	if err != nil {
 		w.log.Debug("could not look for the shard in the data stream; computing it", "phase", task.Phase, "shard", task.Shard, "err", err)
 		return false
 	}
-	var marker coordinator.DoneMarker
-	if b == nil || json.Unmarshal(b, &marker) != nil || marker.Messages != records {
-		return false
+	var marker protocol.DoneMarker
+	if b == nil || json.Unmarshal(b, &marker) != nil || marker.Messages != records || marker.Attempt != task.Attempt {
+		return false // a recomputed shard (a new attempt) is always computed
+	}
+	if marker.Teacher != w.o.Name {
+		// Someone else completed it: another teacher whose ack was lost, or a publisher
+		// that should not be there. Its records are checked by their consumer.
+		w.log.Warn("shard already completed in the data stream by another publisher; not computed again", "phase", task.Phase,
+			"shard", task.Shard, "claimed_publisher", marker.Teacher)
+		return true
 	}
 	w.log.Info("shard already in the data stream; not computed again", "phase", task.Phase, "shard", task.Shard,
 		"published_by", marker.Teacher)
 	return true
 }
 
-func (w *Worker) windows(task coordinator.Task) ([][]int, error) {
+// headers are the headers of every data message this teacher publishes.
+func (w *Worker) headers() map[string]string {
+	return map[string]string{worker.PublisherHeader: w.o.Name}
+}
+
+func (w *Worker) windows(task protocol.Task) ([][]int, error) {
 	src := w.train
-	if task.Phase == coordinator.PhaseStats {
+	if task.Phase == protocol.PhaseStats {
 		src = w.calib
 	}
 	if task.First < 0 || task.Windows < 1 || task.First+task.Windows > len(src) {
@@ -208,7 +232,7 @@ func (w *Worker) windows(task coordinator.Task) ([][]int, error) {
 	return src[task.First : task.First+task.Windows], nil
 }
 
-func (w *Worker) stats(ctx context.Context, task coordinator.Task, pub *worker.Publisher) (int, int64, error) {
+func (w *Worker) stats(ctx context.Context, task protocol.Task, pub *worker.Publisher) (int, int64, error) {
 	wins, err := w.windows(task)
 	if err != nil {
 		return 0, 0, err
@@ -225,15 +249,16 @@ func (w *Worker) stats(ctx context.Context, task coordinator.Task, pub *worker.P
 	if err != nil {
 		return 0, 0, err
 	}
-	msgs, err := shards.EncodeStats(coordinator.StatsMeta(w.plan, m.Dim, m.Vocab), st, w.maxBytes)
+	msgs, err := shards.EncodeStats(protocol.StatsMeta(w.plan, m.Dim, m.Vocab), st, w.maxBytes)
 	if err != nil {
 		return 0, 0, err
 	}
 	for i, b := range msgs {
-		key := worker.DataKey{Run: w.o.Names.Run(), Phase: string(task.Phase), Shard: task.Shard, Window: i}
-		if err := pub.Publish(ctx, key.Subject(), worker.MsgID(key), b, nil); err != nil {
+		key := worker.DataKey{Run: w.o.Names.Run(), Phase: string(task.Phase), Shard: task.Shard, Window: i, Attempt: task.Attempt}
+		if err := pub.Publish(ctx, key.Subject(), worker.MsgID(key), b, w.headers()); err != nil {
 			return 0, 0, err
 		}
+		w.o.Metrics.Published(len(b))
 	}
 	return len(msgs), st.Tokens(), nil
 }
@@ -244,7 +269,7 @@ func NeedsGram(method string) bool {
 }
 
 // CacheMeta is the record metadata of a run's cache phase.
-func CacheMeta(p *coordinator.Plan, m *model.Model, start, end int) (shards.Meta, error) {
+func CacheMeta(p *protocol.Plan, m *model.Model, start, end int) (shards.Meta, error) {
 	dt, err := shards.ParseDType(p.Settings.ActDType)
 	if err != nil {
 		return shards.Meta{}, err
@@ -253,7 +278,7 @@ func CacheMeta(p *coordinator.Plan, m *model.Model, start, end int) (shards.Meta
 		Start: start, End: end, Dim: m.Dim, K: p.Settings.TopK, Vocab: m.Vocab, ActDType: dt, Final: p.Settings.CacheFinal}, nil
 }
 
-func (w *Worker) cache(ctx context.Context, task coordinator.Task, pub *worker.Publisher, inProgress func() error) (int, int64, error) {
+func (w *Worker) cache(ctx context.Context, task protocol.Task, pub *worker.Publisher, inProgress func() error) (int, int64, error) {
 	wins, err := w.windows(task)
 	if err != nil {
 		return 0, 0, err
@@ -273,7 +298,7 @@ func (w *Worker) cache(ctx context.Context, task coordinator.Task, pub *worker.P
 		if err := ctx.Err(); err != nil {
 			return 0, 0, err
 		}
-		rec, err := w.o.Compute.Window(ids, task.Start, meta.K, meta.Final)
+		rec, err := w.o.Compute.Window(ctx, ids, task.Start, meta.K, meta.Final)
 		if err != nil {
 			return 0, 0, err
 		}
@@ -284,10 +309,12 @@ func (w *Worker) cache(ctx context.Context, task coordinator.Task, pub *worker.P
 			if err != nil {
 				return 0, 0, fmt.Errorf("teacher: window %d: %w", whole.Window, err)
 			}
-			key := worker.DataKey{Run: w.o.Names.Run(), Phase: string(task.Phase), Shard: task.Shard, Window: c.Window, Chunk: c.Chunk}
-			if err := pub.Publish(ctx, key.Subject(), worker.MsgID(key), b, nil); err != nil {
+			key := worker.DataKey{Run: w.o.Names.Run(), Phase: string(task.Phase), Shard: task.Shard, Window: c.Window, Chunk: c.Chunk,
+				Attempt: task.Attempt}
+			if err := pub.Publish(ctx, key.Subject(), worker.MsgID(key), b, w.headers()); err != nil {
 				return 0, 0, err
 			}
+			w.o.Metrics.Published(len(b))
 			n++
 		}
 		tokens += int64(len(ids))
@@ -304,10 +331,12 @@ func (w *Worker) cache(ctx context.Context, task coordinator.Task, pub *worker.P
 }
 
 // report publishes a progress report (core NATS, fire and forget).
-func (w *Worker) report(task coordinator.Task, shardTokens, delta int64) {
+func (w *Worker) report(task protocol.Task, shardTokens, delta int64) {
 	total := w.total.Add(delta)
-	p := coordinator.Progress{Teacher: w.o.Name, Phase: task.Phase, Shard: task.Shard, Tokens: shardTokens,
+	p := protocol.Progress{Teacher: w.o.Name, Phase: task.Phase, Shard: task.Shard, Tokens: shardTokens,
 		TotalTokens: total, TokensPerSec: float64(total) / time.Since(w.started).Seconds(), Threads: tensor.Threads()}
+	w.o.Metrics.Tokens(string(task.Phase), delta)
+	w.o.Metrics.SetRate(p.TokensPerSec)
 	b, _ := json.Marshal(p)
-	_ = w.o.NC.Publish(coordinator.ProgressSubject(w.o.Names.Run()), b)
+	_ = w.o.NC.Publish(protocol.ProgressSubject(w.o.Names.Run()), b)
 }

@@ -2,6 +2,8 @@ package worker
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -138,7 +140,8 @@ func (o *ConnOptions) natsOptions() ([]nats.Option, error) {
 
 // Connect validates o and connects, retrying dial failures (the server is not
 // up yet) every ReconnectWait until ctx ends; other errors (authorization, TLS
-// verification, unreadable files) are returned at once. Once connected the connection
+// certificates and verification, unreadable files) are returned at once, as is a
+// server older than MinServerVersion (a *ServerVersionError naming both versions). Once connected the connection
 // reconnects forever, logging disconnects and reconnects, so a restarted
 // server is survived. The caller closes the connection.
 func Connect(ctx context.Context, o ConnOptions) (*nats.Conn, error) {
@@ -152,8 +155,12 @@ func Connect(ctx context.Context, o ConnOptions) (*nats.Conn, error) {
 	for {
 		nc, err := nats.Connect(o.URL, opts...)
 		if err == nil {
+			if err := CheckServerVersion(nc.ConnectedServerVersion()); err != nil {
+				nc.Close()
+				return nil, fmt.Errorf("worker: connect %s: %w", redactURL(o.URL), err)
+			}
 			o.Logger.Info("nats connected", "url", nc.ConnectedUrlRedacted(),
-				"max_payload", nc.MaxPayload())
+				"max_payload", nc.MaxPayload(), "server_version", nc.ConnectedServerVersion())
 			return nc, nil
 		}
 		if !dialRetryable(err) {
@@ -171,8 +178,30 @@ func Connect(ctx context.Context, o ConnOptions) (*nats.Conn, error) {
 }
 
 // dialRetryable reports whether a failed connect is worth retrying: nobody
-// listens yet or the network is not there yet, as opposed to a refused login.
+// listens yet or the network is not there yet, as opposed to a refused login or a
+// TLS failure (a certificate the server requires and the client lacks, one that does
+// not verify, a server that does not speak TLS), which a retry cannot mend. Those
+// arrive as network errors too, so they are looked for first.
 func dialRetryable(err error) bool {
+	var (
+		alert     tls.AlertError
+		record    tls.RecordHeaderError
+		verify    *tls.CertificateVerificationError
+		unknownCA x509.UnknownAuthorityError
+		hostname  x509.HostnameError
+		invalid   x509.CertificateInvalidError
+	)
+	switch {
+	case errors.As(err, &alert), errors.As(err, &record), errors.As(err, &verify),
+		errors.As(err, &unknownCA), errors.As(err, &hostname), errors.As(err, &invalid):
+		return false
+	}
+	// crypto/tls reports an alert the peer sent (a required certificate missing, a bad
+	// one) as a *net.OpError with Op "remote error" around its unexported alert type.
+	var opErr *net.OpError
+	if errors.As(err, &opErr) && opErr.Op == "remote error" {
+		return false
+	}
 	var netErr net.Error
 	return errors.Is(err, nats.ErrNoServers) || errors.As(err, &netErr)
 }

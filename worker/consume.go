@@ -13,8 +13,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// Msg is one delivery of a data message, as passed by Consume (a Msg built
-// elsewhere has no delivery to settle and its methods panic). Data and Header are owned by the
+// Msg is one delivery of a data message, as passed by Consume (a StoredMsg, read
+// from the stream directly, has no delivery to settle: its methods do nothing). Data and Header are owned by the
 // callee. Exactly one of Ack, AckSync, Nak, NakWithDelay or Term should be
 // called, once the message's effect is durable (or deliberately dropped);
 // a message left alone is redelivered after AckWait. Msg values may be kept
@@ -29,22 +29,52 @@ type Msg struct {
 }
 
 // Ack acknowledges the message without waiting for the server.
-func (m Msg) Ack() error { return m.raw.Ack() }
+func (m Msg) Ack() error {
+	if m.raw == nil {
+		return nil
+	}
+	return m.raw.Ack()
+}
 
 // AckSync acknowledges the message and waits for the server to confirm it.
-func (m Msg) AckSync(ctx context.Context) error { return m.raw.DoubleAck(ctx) }
+func (m Msg) AckSync(ctx context.Context) error {
+	if m.raw == nil {
+		return nil
+	}
+	return m.raw.DoubleAck(ctx)
+}
 
 // Nak asks for an immediate redelivery.
-func (m Msg) Nak() error { return m.raw.Nak() }
+func (m Msg) Nak() error {
+	if m.raw == nil {
+		return nil
+	}
+	return m.raw.Nak()
+}
 
 // NakWithDelay asks for a redelivery after d.
-func (m Msg) NakWithDelay(d time.Duration) error { return m.raw.NakWithDelay(d) }
+func (m Msg) NakWithDelay(d time.Duration) error {
+	if m.raw == nil {
+		return nil
+	}
+	return m.raw.NakWithDelay(d)
+}
 
 // Term drops the message for this consumer for good (e.g. a poison message).
-func (m Msg) Term() error { return m.raw.Term() }
+func (m Msg) Term() error {
+	if m.raw == nil {
+		return nil
+	}
+	return m.raw.Term()
+}
 
 // InProgress resets the message's AckWait timer.
-func (m Msg) InProgress() error { return m.raw.InProgress() }
+func (m Msg) InProgress() error {
+	if m.raw == nil {
+		return nil
+	}
+	return m.raw.InProgress()
+}
 
 // ConsumeOption configures Consume.
 type ConsumeOption func(*consumeOptions) error
@@ -196,7 +226,7 @@ func Consume(ctx context.Context, js jetstream.JetStream, names Names, consumerN
 		if cons == nil {
 			if cons, err = js.CreateOrUpdateConsumer(ctx, names.DataStream(), cfg); err != nil {
 				o.log.Warn("data consumer unavailable, retrying", "consumer", consumerName, "err", err)
-				_ = sleepCtx(ctx, wait)
+				_ = SleepCtx(ctx, wait)
 				wait = min(2*wait, retryMaxWait)
 				continue
 			}
@@ -205,7 +235,7 @@ func Consume(ctx context.Context, js jetstream.JetStream, names Names, consumerN
 		if err != nil {
 			o.log.Warn("data consumer iterator", "consumer", consumerName, "err", err)
 			cons = nil
-			_ = sleepCtx(ctx, wait)
+			_ = SleepCtx(ctx, wait)
 			wait = min(2*wait, retryMaxWait)
 			continue
 		}
@@ -217,7 +247,7 @@ func Consume(ctx context.Context, js jetstream.JetStream, names Names, consumerN
 		if ctx.Err() == nil {
 			// The iterator stopped under us: consumer deleted, connection closed.
 			cons = nil
-			_ = sleepCtx(ctx, wait)
+			_ = SleepCtx(ctx, wait)
 			wait = min(2*wait, retryMaxWait)
 		}
 	}
@@ -228,6 +258,15 @@ func Consume(ctx context.Context, js jetstream.JetStream, names Names, consumerN
 // the consumer's start position (a deliver policy cannot be updated), and for a sole
 // client with messages left pending by an earlier client it deletes the consumer and
 // starts cfg after the ack floor, so those messages come at once.
+//
+// A consumer whose delivered sequence is past the stream's last one (a server that lost
+// the last messages it had stored, but not the consumer state that counted them; the
+// server itself corrects only single-replica consumers) would skip the messages stored
+// next, which get those sequences again: records republished to make up for the lost
+// ones. Such a consumer is re-created from the stream's end, or from its ack floor when
+// that is lower, for any client. This is seen when the client starts: messages stored
+// before that are still skipped. (The server itself corrects a single-replica consumer
+// when it restarts, before any client can publish.)
 func resumeFrom(ctx context.Context, js jetstream.JetStream, names Names, cfg *jetstream.ConsumerConfig, o consumeOptions) error {
 	cons, err := js.Consumer(ctx, names.DataStream(), cfg.Durable)
 	if errors.Is(err, jetstream.ErrConsumerNotFound) {
@@ -238,13 +277,24 @@ func resumeFrom(ctx context.Context, js jetstream.JetStream, names Names, cfg *j
 	}
 	info := cons.CachedInfo()
 	cfg.DeliverPolicy, cfg.OptStartSeq = info.Config.DeliverPolicy, info.Config.OptStartSeq
-	if !o.sole || info.NumAckPending == 0 {
+	stream, err := js.Stream(ctx, names.DataStream())
+	if err != nil {
+		return err
+	}
+	last := stream.CachedInfo().State.LastSeq
+	ahead := info.Delivered.Stream > last
+	if !ahead && (!o.sole || info.NumAckPending == 0) {
 		return nil
 	}
 	if err := js.DeleteConsumer(ctx, names.DataStream(), cfg.Durable); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
 		return err
 	}
-	cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, info.AckFloor.Stream+1
+	cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, min(info.AckFloor.Stream, last)+1
+	if ahead {
+		o.log.Warn("the consumer is past the stream's last sequence (the server lost messages it had stored): delivering from there again",
+			"consumer", cfg.Durable, "delivered_seq", info.Delivered.Stream, "stream_last_seq", last, "from_seq", cfg.OptStartSeq)
+		return nil
+	}
 	o.log.Info("messages left unacked by an earlier client: delivering them again now", "consumer", cfg.Durable,
 		"pending", info.NumAckPending, "from_seq", cfg.OptStartSeq)
 	return nil

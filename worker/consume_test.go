@@ -6,6 +6,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // consumeUntil runs Consume in the background; the returned stop cancels it
@@ -260,5 +262,48 @@ func TestConsumeSoleClientReplaysUnacked(t *testing.T) {
 	time.Sleep(time.Second)
 	if err := stop(); err != nil || count() != 0 {
 		t.Fatalf("idle sole client: err %v, %d deliveries", err, count())
+	}
+}
+
+// TestConsumeConsumerAheadOfStream: a durable consumer whose delivered sequence is past the
+// stream's last one (a server that lost the last messages it had stored but kept the
+// consumer state that counted them) is re-created, so the messages stored next — which
+// take those sequences again — are delivered, not skipped.
+func TestConsumeConsumerAheadOfStream(t *testing.T) {
+	_, _, js, names := setupRun(t, StreamConfig{})
+	p, err := NewPublisher(js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	publishData(t, p, names, "acts", 0, 3) // sequences 1..3
+	// The state a consumer has after the stream lost sequences 4..9 it had delivered and acked.
+	if _, err := js.CreateOrUpdateConsumer(t.Context(), names.DataStream(), jetstream.ConsumerConfig{Durable: "cache",
+		DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: 10, AckPolicy: jetstream.AckExplicitPolicy,
+		FilterSubject: names.DataSubjects()}); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var got []string
+	stop := consumeUntil(t, func(ctx context.Context) error {
+		return Consume(ctx, js, names, "cache", "", func(ctx context.Context, m Msg) error {
+			mu.Lock()
+			got = append(got, m.Subject)
+			mu.Unlock()
+			return m.AckSync(ctx)
+		}, WithSoleClient(), WithConsumeLogger(testLogger()))
+	})
+	waitFor(t, 5*time.Second, "the consumer re-created from the stream's end", func() bool {
+		c, err := js.Consumer(t.Context(), names.DataStream(), "cache")
+		return err == nil && c.CachedInfo().Config.OptStartSeq == 4
+	})
+	publishData(t, p, names, "acts", 1, 2) // republished records: sequences 4 and 5
+	waitFor(t, 5*time.Second, "the 2 messages stored after the loss", func() bool { mu.Lock(); defer mu.Unlock(); return len(got) == 2 })
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range got {
+		if k, _ := names.ParseDataSubject(s); k.Shard != 1 {
+			t.Fatalf("delivered %s, stored before the loss and acked", s)
+		}
 	}
 }

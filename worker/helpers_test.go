@@ -34,7 +34,7 @@ func startServerIn(t *testing.T, dir string, opts ...ServerOption) *Embedded {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
 	defer cancel()
-	opts = append([]ServerOption{WithServerLogger(testLogger())}, opts...)
+	opts = append([]ServerOption{WithServerLogger(testLogger()), WithAllowAnonymous()}, opts...)
 	e, err := StartEmbedded(ctx, dir, opts...)
 	if err != nil {
 		t.Fatalf("StartEmbedded: %v", err)

@@ -98,6 +98,12 @@ func (n Names) KVBucket() string { return "LP_" + n.run }
 // ObjectStore is the run's object store bucket: "LP_<run>_OBJ".
 func (n Names) ObjectStore() string { return "LP_" + n.run + "_OBJ" }
 
+// GradStore is the run's object store of the students' shared state: the per-window
+// gradients of the steps they split and their checkpoints: "LP_<run>_GRAD". A bucket of
+// its own so that the students may write any object in it (the names change with the
+// step) and no object of the run's other store.
+func (n Names) GradStore() string { return "LP_" + n.run + "_GRAD" }
+
 func mustPhase(phase string) {
 	if err := ValidatePhase(phase); err != nil {
 		panic(err)
@@ -177,6 +183,10 @@ type DataKey struct {
 	Window int
 	Chunk  int
 	Done   bool
+	// Attempt is the task's attempt nonce ("" for a shard's first task): it is part of the
+	// message id only, so a recomputed shard's records are stored even when an earlier
+	// attempt's ids were taken (by junk published under them, say). Not in the subject.
+	Attempt string
 }
 
 // Subject rebuilds the subject of k. It panics if k is not valid (as for DataSubject).
@@ -192,7 +202,8 @@ func (k DataKey) Subject() string {
 }
 
 // MsgID is the deterministic Nats-Msg-Id of the data message k:
-// "<run>/<phase>/<shard>/<window>/<chunk>" or "<run>/<phase>/<shard>/done".
+// "<run>/<phase>/<shard>/<window>/<chunk>" or "<run>/<phase>/<shard>/done", followed by
+// "/<attempt>" when k.Attempt is set (it must then be 1-32 of [A-Za-z0-9_-]).
 // Two publishes of the same key inside the stream's duplicate window are stored
 // once. It panics if k is not valid (as for DataSubject).
 func MsgID(k DataKey) string {
@@ -201,13 +212,20 @@ func MsgID(k DataKey) string {
 	}
 	mustPhase(k.Phase)
 	mustIndex("shard", k.Shard)
+	suffix := ""
+	if k.Attempt != "" {
+		if !validToken(k.Attempt, maxPhaseLen) {
+			panic(fmt.Sprintf("worker: bad attempt %q", k.Attempt))
+		}
+		suffix = "/" + k.Attempt
+	}
 	if k.Done {
-		return k.Run + "/" + k.Phase + "/" + strconv.Itoa(k.Shard) + "/done"
+		return k.Run + "/" + k.Phase + "/" + strconv.Itoa(k.Shard) + "/done" + suffix
 	}
 	mustIndex("window", k.Window)
 	mustIndex("chunk", k.Chunk)
 	return k.Run + "/" + k.Phase + "/" + strconv.Itoa(k.Shard) + "/" +
-		strconv.Itoa(k.Window) + "/" + strconv.Itoa(k.Chunk)
+		strconv.Itoa(k.Window) + "/" + strconv.Itoa(k.Chunk) + suffix
 }
 
 // parseIndex accepts the canonical decimal form of a non-negative int: digits

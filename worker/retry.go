@@ -33,6 +33,10 @@ func transient(err error) bool {
 	return false
 }
 
+// Transient reports whether err is a connection-level failure that a retry after the
+// client reconnects may cure (see transient), for callers that retry on their own.
+func Transient(err error) bool { return transient(err) }
+
 const (
 	retryMinWait = 100 * time.Millisecond
 	retryMaxWait = 2 * time.Second
@@ -59,15 +63,15 @@ func publishRetry(ctx context.Context, js jetstream.JetStream, m *nats.Msg, atte
 			return nil, fmt.Errorf("worker: publish %s: %w", m.Subject, err)
 		}
 		log.Warn("publish failed, retrying", "subject", m.Subject, "try", try, "err", err)
-		if err := sleepCtx(ctx, wait); err != nil {
+		if err := SleepCtx(ctx, wait); err != nil {
 			return nil, fmt.Errorf("worker: publish %s: %w", m.Subject, err)
 		}
 		wait = min(2*wait, retryMaxWait)
 	}
 }
 
-// sleepCtx pauses for d or until ctx ends, returning ctx.Err() in that case.
-func sleepCtx(ctx context.Context, d time.Duration) error {
+// SleepCtx pauses for d or until ctx ends, returning ctx.Err() in that case.
+func SleepCtx(ctx context.Context, d time.Duration) error {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {

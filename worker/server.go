@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/url"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -28,9 +30,78 @@ type ServerOption func(*serverOptions) error
 type serverOptions struct {
 	host       string
 	port       int // -1: random free port
+	listenSet  bool
 	maxPayload int
+	payloadSet bool
 	name       string
 	log        *slog.Logger
+	cluster    *clusterOptions
+	nkeys      []*server.NkeyUser
+	tlsCert    string
+	tlsKey     string
+	insecure   bool
+	anonymous  bool
+	conf       *server.Options
+}
+
+// WithTLS serves TLS on the client port with this certificate (chain) and key (PEM files).
+// Clients on this process connect in process, without TLS.
+func WithTLS(certFile, keyFile string) ServerOption {
+	return func(o *serverOptions) error {
+		if certFile == "" || keyFile == "" {
+			return fmt.Errorf("%w: TLS needs both a certificate and a key", ErrInvalidOption)
+		}
+		o.tlsCert, o.tlsKey = certFile, keyFile
+		return nil
+	}
+}
+
+// WithInsecurePlaintext allows listening beyond loopback without TLS, where anyone on the
+// network path reads the run's data and, for password or token logins, the secrets.
+func WithInsecurePlaintext() ServerOption {
+	return func(o *serverOptions) error {
+		o.insecure = true
+		return nil
+	}
+}
+
+// WithAllowAnonymous allows a server without authorization: anyone who reaches its port
+// may read, write or delete any run on it. Without it, StartEmbedded refuses to start a
+// server whose configuration does not require authentication.
+func WithAllowAnonymous() ServerOption {
+	return func(o *serverOptions) error {
+		o.anonymous = true
+		return nil
+	}
+}
+
+// WithConfigFile starts from a nats-server configuration file (deploy/nats/auth.conf
+// style); options given next to it (listen, max payload, store dir) override it.
+func WithConfigFile(path string) ServerOption {
+	return func(o *serverOptions) error {
+		c, err := server.ProcessConfigFile(path)
+		if err != nil {
+			return fmt.Errorf("%w: nats-server config %s: %w", ErrInvalidOption, path, err)
+		}
+		o.conf = c
+		return nil
+	}
+}
+
+// authRequired reports whether a server with options so requires every client to
+// authenticate.
+func authRequired(so *server.Options) bool {
+	configured := len(so.Nkeys) > 0 || len(so.Users) > 0 || so.Username != "" || so.Authorization != "" ||
+		len(so.TrustedOperators) > 0 || len(so.TrustedKeys) > 0 || so.AuthCallout != nil
+	return configured && so.NoAuthUser == ""
+}
+
+// clusterOptions are the route settings of a clustered server (WithCluster).
+type clusterOptions struct {
+	name   string
+	host   string
+	port   int
+	routes []*url.URL
 }
 
 // WithListen sets the client listen address. The default is 127.0.0.1 on a
@@ -47,6 +118,7 @@ func WithListen(host string, port int) ServerOption {
 		}
 		o.host = host
 		o.port = port
+		o.listenSet = true
 		if port == 0 {
 			o.port = -1
 		}
@@ -62,6 +134,7 @@ func WithMaxPayload(n int) ServerOption {
 			return fmt.Errorf("%w: max payload %d (want 1..%d)", ErrInvalidOption, n, MaxMaxPayload)
 		}
 		o.maxPayload = n
+		o.payloadSet = true
 		return nil
 	}
 }
@@ -74,6 +147,47 @@ func WithServerName(name string) ServerOption {
 			return fmt.Errorf("%w: empty server name", ErrInvalidOption)
 		}
 		o.name = name
+		return nil
+	}
+}
+
+// WithCluster makes the server a node of the JetStream cluster name: it
+// listens for routes from the other nodes on host:port (port 0: a random free
+// port, useful only for a node that others never dial) and dials routes, the
+// nats-route://host:port URLs of the other nodes (its own may be listed too, so
+// every node can be given the same list). Every node needs its own server
+// name (WithServerName) and store directory. JetStream in a cluster needs at
+// least three nodes to keep a quorum when one fails.
+func WithCluster(name, host string, port int, routes []string) ServerOption {
+	return func(o *serverOptions) error {
+		if name == "" || strings.ContainsAny(name, " \t\r\n") {
+			return fmt.Errorf("%w: cluster name %q (non-empty, no spaces)", ErrInvalidOption, name)
+		}
+		if host == "" {
+			return fmt.Errorf("%w: empty cluster listen host", ErrInvalidOption)
+		}
+		if port < 0 || port > 65535 {
+			return fmt.Errorf("%w: cluster port %d", ErrInvalidOption, port)
+		}
+		c := &clusterOptions{name: name, host: host, port: port}
+		if port == 0 {
+			c.port = -1
+		}
+		for _, r := range routes {
+			r = strings.TrimSpace(r)
+			if r == "" {
+				continue
+			}
+			u, err := url.Parse(r)
+			if err != nil {
+				return fmt.Errorf("%w: route %q: %w", ErrInvalidOption, r, err)
+			}
+			if u.Scheme != "nats-route" && u.Scheme != "nats" || u.Host == "" || u.Port() == "" {
+				return fmt.Errorf("%w: route %q: want nats-route://HOST:PORT", ErrInvalidOption, r)
+			}
+			c.routes = append(c.routes, u)
+		}
+		o.cluster = c
 		return nil
 	}
 }
@@ -92,13 +206,17 @@ func WithServerLogger(l *slog.Logger) ServerOption {
 
 // Embedded is an in-process nats-server with JetStream on a file store.
 type Embedded struct {
-	srv  *server.Server
-	url  string
-	port int
+	srv       *server.Server
+	url       string
+	inProcURL string
+	port      int
 }
 
 // StartEmbedded starts a nats-server in this process with JetStream storing
-// under dir (the server creates dir/jetstream) and waits until it accepts
+// under dir (the server creates dir/jetstream; "" takes the config file's store_dir).
+// It refuses to start a server that would accept clients without authentication
+// (see WithRoles, WithConfigFile, WithAllowAnonymous) or that would listen beyond
+// loopback without TLS (WithTLS, WithInsecurePlaintext) and waits until it accepts
 // connections or ctx ends. ctx bounds only the start; the server runs until
 // Shutdown. Starting a new server on the same dir (and port) after Shutdown
 // recovers every stream, consumer and bucket. Errors wrap ErrInvalidOption or
@@ -116,17 +234,57 @@ func StartEmbedded(ctx context.Context, dir string, opts ...ServerOption) (*Embe
 			return nil, err
 		}
 	}
+	sopts := &server.Options{}
+	if o.conf != nil {
+		c := *o.conf
+		sopts = &c
+		if !o.listenSet && sopts.Port == 0 {
+			sopts.Port = server.DEFAULT_PORT
+		}
+		if dir == "" {
+			dir = sopts.StoreDir
+		}
+	}
 	if dir == "" {
 		return nil, fmt.Errorf("%w: empty store dir", ErrInvalidOption)
 	}
-	sopts := &server.Options{
-		ServerName: o.name,
-		Host:       o.host,
-		Port:       o.port,
-		MaxPayload: int32(o.maxPayload),
-		JetStream:  true,
-		StoreDir:   dir,
-		NoSigs:     true,
+	if o.conf == nil || o.listenSet {
+		sopts.Host, sopts.Port = o.host, o.port
+	}
+	if o.conf == nil || o.payloadSet {
+		sopts.MaxPayload = int32(o.maxPayload)
+	}
+	if sopts.ServerName == "" {
+		sopts.ServerName = o.name
+	}
+	sopts.JetStream, sopts.StoreDir, sopts.NoSigs = true, dir, true
+	if o.nkeys != nil {
+		sopts.Nkeys = append(sopts.Nkeys, o.nkeys...)
+	}
+	if !authRequired(sopts) && !o.anonymous {
+		return nil, fmt.Errorf("%w: the server would accept clients without authentication; give it an authorization configuration (or allow anonymous clients explicitly)", ErrInvalidOption)
+	}
+	if o.tlsCert != "" {
+		tc, err := server.GenTLSConfig(&server.TLSConfigOpts{CertFile: o.tlsCert, KeyFile: o.tlsKey})
+		if err != nil {
+			return nil, fmt.Errorf("%w: TLS: %w", ErrInvalidOption, err)
+		}
+		sopts.TLSConfig, sopts.TLSTimeout = tc, 2
+	}
+	tlsOn := sopts.TLSConfig != nil
+	listenHost := sopts.Host
+	if listenHost == "" {
+		listenHost = "0.0.0.0" // nats-server's default: every interface
+	}
+	if !isLoopback(listenHost) && !tlsOn && !o.insecure {
+		return nil, fmt.Errorf("%w: listening on %s (beyond loopback) without TLS exposes the run's data and logins to the network; serve TLS (certificate and key) or allow plaintext explicitly", ErrInvalidOption, listenHost)
+	}
+	if c := o.cluster; c != nil {
+		if !isLoopback(c.host) && !o.insecure {
+			return nil, fmt.Errorf("%w: cluster routes on %s (beyond loopback) are neither encrypted nor authenticated: anyone who reaches the port joins the cluster; keep them on a private network and allow plaintext explicitly", ErrInvalidOption, c.host)
+		}
+		sopts.Cluster = server.ClusterOpts{Name: c.name, Host: c.host, Port: c.port}
+		sopts.Routes = c.routes
 	}
 	srv, err := server.NewServer(sopts)
 	if err != nil {
@@ -156,22 +314,36 @@ func StartEmbedded(ctx context.Context, dir string, opts ...ServerOption) (*Embe
 	if !ok {
 		return fail(errors.New("no client listener"))
 	}
-	host := o.host
-	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+	host := sopts.Host
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
 		host = "127.0.0.1" // the URL is for clients in this process or on this host
 	}
+	scheme := "nats://"
+	if tlsOn {
+		scheme = "tls://"
+	}
+	hostPort := net.JoinHostPort(host, strconv.Itoa(addr.Port))
 	e := &Embedded{
-		srv:  srv,
-		port: addr.Port,
-		url:  "nats://" + net.JoinHostPort(host, strconv.Itoa(addr.Port)),
+		srv:       srv,
+		port:      addr.Port,
+		url:       scheme + hostPort,
+		inProcURL: "nats://" + hostPort,
 	}
 	o.log.Info("embedded nats-server ready", "url", e.url, "listen", addr.String(),
-		"store", dir, "max_payload", o.maxPayload)
+		"store", dir, "max_payload", sopts.MaxPayload, "auth_required", authRequired(sopts), "tls", tlsOn)
+	if c := o.cluster; c != nil {
+		listen := ""
+		if a := srv.ClusterAddr(); a != nil {
+			listen = a.String()
+		}
+		o.log.Info("cluster node", "server_name", sopts.ServerName, "cluster", c.name,
+			"cluster_listen", listen, "routes", len(c.routes))
+	}
 	return e, nil
 }
 
-// URL is the client URL of the server, e.g. "nats://127.0.0.1:41234". With an
-// unspecified listen host (0.0.0.0) it names 127.0.0.1.
+// URL is the client URL of the server, e.g. "nats://127.0.0.1:41234" ("tls://…" when it
+// serves TLS). With an unspecified listen host (0.0.0.0) it names 127.0.0.1.
 func (e *Embedded) URL() string { return e.url }
 
 // Port is the client port the server listens on.

@@ -17,7 +17,7 @@ func TestStartEmbedded(t *testing.T) {
 	}{
 		{"defaults", nil, DefaultMaxPayload, "nats://127.0.0.1:"},
 		{"8MiB payload", []ServerOption{WithMaxPayload(8 << 20)}, 8 << 20, "nats://127.0.0.1:"},
-		{"all interfaces", []ServerOption{WithListen("0.0.0.0", 0)}, DefaultMaxPayload, "nats://127.0.0.1:"},
+		{"all interfaces", []ServerOption{WithListen("0.0.0.0", 0), WithInsecurePlaintext()}, DefaultMaxPayload, "nats://127.0.0.1:"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := startServer(t, tc.opts...)
@@ -50,6 +50,10 @@ func TestStartEmbeddedErrors(t *testing.T) {
 		{"empty host", "d", []ServerOption{WithListen("", 4222)}},
 		{"bad port", "d", []ServerOption{WithListen("127.0.0.1", 70000)}},
 		{"nil logger", "d", []ServerOption{WithServerLogger(nil)}},
+		{"no authorization", "d", nil},
+		{"all interfaces without TLS", "d", []ServerOption{WithAllowAnonymous(), WithListen("0.0.0.0", 0)}},
+		{"a LAN address without TLS", "d", []ServerOption{WithAllowAnonymous(), WithListen("192.0.2.1", 0)}},
+		{"TLS without key", "d", []ServerOption{WithAllowAnonymous(), WithTLS("cert.pem", "")}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := tc.dir
@@ -71,7 +75,7 @@ func TestStartEmbeddedPortInUse(t *testing.T) {
 	a := startServer(t)
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel()
-	b, err := StartEmbedded(ctx, t.TempDir(), WithListen("127.0.0.1", a.Port()), WithServerLogger(testLogger()))
+	b, err := StartEmbedded(ctx, t.TempDir(), WithListen("127.0.0.1", a.Port()), WithServerLogger(testLogger()), WithAllowAnonymous())
 	if err == nil {
 		b.Shutdown()
 		t.Fatal("second server on the same port started")

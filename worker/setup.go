@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -26,8 +27,10 @@ type StreamConfig struct {
 	// MaxDeliver is how many times a task is delivered before it becomes a
 	// dead letter (default 5).
 	MaxDeliver int
-	// Replicas of every stream and bucket (default 1; an embedded server is a
-	// single node).
+	// Replicas of every stream and bucket. 0 (the default) keeps those of a run
+	// that already exists on the server (its data stream's), so a resumed run is
+	// never scaled down or up by accident, and is 1 for a new run (an embedded
+	// server is a single node).
 	Replicas int
 	// MaxBytes caps the data stream; -1 (the default) leaves only the server's
 	// and account's storage limits. The stream discards nothing: when full,
@@ -46,7 +49,8 @@ type StreamConfig struct {
 	KVHistory int
 }
 
-// Validate checks c and fills defaults. Errors wrap ErrInvalidOption.
+// Validate checks c and fills defaults (Replicas 0 becomes 1: Setup resolves it
+// first). Errors wrap ErrInvalidOption.
 func (c *StreamConfig) Validate() error {
 	switch {
 	case c.AckWait < 0:
@@ -90,10 +94,20 @@ func (c *StreamConfig) Validate() error {
 
 // Setup creates or updates, idempotently, everything a run needs: the tasks
 // stream (WorkQueue), the data stream (Limits, DiscardNew), the dead-letter
-// stream, the KV bucket and the object store, all on file storage. It fails
+// stream, the KV bucket, the object store and the students' gradient store, all on file storage. It fails
 // (wrapping the JetStream error) if an existing stream cannot be updated to
-// the wanted configuration, e.g. a changed retention policy.
+// the wanted configuration, e.g. a changed retention policy. With cfg.Replicas 0
+// the replicas of an existing run are kept (see RunReplicas).
 func Setup(ctx context.Context, js jetstream.JetStream, names Names, cfg StreamConfig) error {
+	if cfg.Replicas == 0 {
+		have, ok, err := RunReplicas(ctx, js, names)
+		if err != nil {
+			return err
+		}
+		if ok {
+			cfg.Replicas = have
+		}
+	}
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
@@ -157,5 +171,27 @@ func Setup(ctx context.Context, js jetstream.JetStream, names Names, cfg StreamC
 	}); err != nil {
 		return fmt.Errorf("worker: set up object store %s: %w", names.ObjectStore(), err)
 	}
+	if _, err := js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
+		Bucket:      names.GradStore(),
+		Description: "linearpatch students' gradients and checkpoints of run " + names.Run(),
+		Storage:     jetstream.FileStorage,
+		Replicas:    cfg.Replicas,
+	}); err != nil {
+		return fmt.Errorf("worker: set up object store %s: %w", names.GradStore(), err)
+	}
 	return nil
+}
+
+// RunReplicas returns the replicas of a run that already exists on the server (those of
+// its data stream, which Setup gives every stream and bucket of the run); ok is false when
+// the run has no data stream yet.
+func RunReplicas(ctx context.Context, js jetstream.JetStream, names Names) (replicas int, ok bool, err error) {
+	s, err := js.Stream(ctx, names.DataStream())
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, fmt.Errorf("worker: data stream of run %s: %w", names.Run(), err)
+	}
+	return max(s.CachedInfo().Config.Replicas, 1), true, nil
 }

@@ -219,13 +219,13 @@ func (l *TaskLoop) Run(ctx context.Context) error {
 		if !nc.IsConnected() {
 			// A pull sent now would be buffered and could be served after this
 			// fetch gave up, parking a task for a whole AckWait.
-			_ = sleepCtx(ctx, 50*time.Millisecond)
+			_ = SleepCtx(ctx, 50*time.Millisecond)
 			continue
 		}
 		if cons == nil {
 			if cons, err = l.js.CreateOrUpdateConsumer(ctx, l.names.TasksStream(), l.consumerConfig()); err != nil {
 				l.o.log.Warn("task consumer unavailable, retrying", "consumer", l.consumer, "err", err)
-				_ = sleepCtx(ctx, wait)
+				_ = SleepCtx(ctx, wait)
 				wait = min(2*wait, retryMaxWait)
 				continue
 			}
@@ -244,7 +244,7 @@ func (l *TaskLoop) Run(ctx context.Context) error {
 			if errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrConsumerDeleted) {
 				cons = nil
 			}
-			_ = sleepCtx(ctx, wait)
+			_ = SleepCtx(ctx, wait)
 			wait = min(2*wait, retryMaxWait)
 		}
 	}
@@ -326,7 +326,7 @@ func (l *TaskLoop) ack(ctx context.Context, msg jetstream.Msg) error {
 		if err == nil || !transient(err) || actx.Err() != nil {
 			return err
 		}
-		if sleepCtx(actx, wait) != nil {
+		if SleepCtx(actx, wait) != nil {
 			return err
 		}
 		wait = min(2*wait, retryMaxWait)

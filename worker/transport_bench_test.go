@@ -61,7 +61,7 @@ func BenchmarkTransport(b *testing.B) {
 	ctx := b.Context()
 	sctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
-	e, err := StartEmbedded(sctx, b.TempDir(), WithServerLogger(testLogger()))
+	e, err := StartEmbedded(sctx, b.TempDir(), WithServerLogger(testLogger()), WithAllowAnonymous())
 	if err != nil {
 		b.Fatal(err)
 	}

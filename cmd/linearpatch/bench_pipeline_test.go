@@ -199,7 +199,7 @@ func runCacheBench(tb testing.TB, dir, modelDir, calib, train string, c scalingC
 	coord := startBenchProc(tb, "coordinator", "coordinator", "--nats-listen", "127.0.0.1:0", "--threads", "1",
 		"--model", modelDir, "--calib", calib, "--train", train, "--num-prune", "2", "--method", "rotate",
 		"--seq-len", strconv.Itoa(benchSeqLen), "--calib-windows", strconv.Itoa(benchCalibWindows), "--shard-windows", "1",
-		"--top-k", "50", "--act-dtype", "float16", "--compression", "zstd",
+		"--top-k", "50", "--act-dtype", "float16", "--distill=false",
 		"--out", filepath.Join(dir, "out"), "--run-dir", runDir, "--json")
 	deadline := time.Now().Add(60 * time.Second)
 	for {

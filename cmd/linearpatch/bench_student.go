@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -11,6 +12,7 @@ import (
 	"runtime/metrics"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -28,7 +30,8 @@ func newBenchStudentCmd() *cobra.Command {
 		Long: `Write a synthetic model (by default the engine benchmark's: d=1024, 8 layers, ffn 2816,
 vocab 32000, 16 heads, 8 kv-heads) to a temporary directory, load only the layers after the
 cut [--start, --start+--num-prune) with the final norm and the head, as the student does, and
-time KD steps (top-k KL, --seq-len tokens, k=--top-k) on random cached activations. Prints
+time KD steps (top-k KL, --seq-len tokens, k=--top-k) on random cached activations,
+interleaved with forwards of the same work (no backward), and print their ratio. Prints
 tokens/s and GFLOP/s next to the engine's forward and the machine's sgemm, the peak live
 heap (runtime/metrics) and peak RSS against the size of the suffix weights and of the whole
 pruned model, and projects the paper's distillation run (LLaMA-3-8B shapes, 5 layers pruned,
@@ -50,6 +53,9 @@ type benchStudentResult struct {
 	Backend          string  `json:"backend"`
 	Threads          int     `json:"threads"`
 	StepMillis       float64 `json:"step_ms"`
+	ForwardMillis    float64 `json:"forward_ms"`
+	StepForward      float64 `json:"step_over_forward"`     // wall time of a KD step / a forward of the same work, best of --steps each
+	StepForwardCPU   float64 `json:"step_over_forward_cpu"` // the same in process CPU time summed over --steps (0: unavailable)
 	TokensPerSec     float64 `json:"tokens_per_s"`
 	GFLOPS           float64 `json:"gflops"`
 	EngineTokensPS   float64 `json:"engine_forward_tokens_per_s"`
@@ -108,7 +114,7 @@ func runBenchStudent(cmd *cobra.Command, _ []string) error {
 	if bad := prefixTensors(read, end, cfg.TiedHead); len(bad) > 0 {
 		return fmt.Errorf("the suffix loader read %v", bad)
 	}
-	suffix, err := student.NewSuffix(m, end, nil, student.SuffixOptions{SeqLen: T, Batch: 1, Loss: student.LossTopKKL, K: K})
+	suffix, err := student.NewSuffix(m, end, nil, student.SuffixOptions{SeqLen: T, Loss: student.LossTopKKL, K: K})
 	if err != nil {
 		return err
 	}
@@ -131,31 +137,51 @@ func runBenchStudent(cmd *cobra.Command, _ []string) error {
 			peak = v
 		}
 	}
-	if _, _, err := suffix.Step([]student.Example{ex}); err != nil {
+	if _, _, err := suffix.WindowGradient(ex); err != nil {
+		return err
+	}
+	if _, err := suffix.WindowLoss(ex); err != nil {
 		return err
 	}
 	runtime.GC()
 	note()
-	t0 = time.Now()
+	// KD steps and forwards of the same work (the same layers, final norm, sparse head and
+	// loss, no backward) interleaved, so that both see the same machine.
+	var stepWall, fwdWall, stepCPU, fwdCPU time.Duration
+	bestStep, bestFwd := time.Duration(math.MaxInt64), time.Duration(math.MaxInt64)
 	for range steps {
-		if _, _, err := suffix.Step([]student.Example{ex}); err != nil {
+		w0, c0 := time.Now(), cpuTime()
+		if _, _, err := suffix.WindowGradient(ex); err != nil {
 			return err
 		}
+		w1, c1 := time.Now(), cpuTime()
+		if _, err := suffix.WindowLoss(ex); err != nil {
+			return err
+		}
+		fw := time.Since(w1)
+		stepWall, stepCPU = stepWall+w1.Sub(w0), stepCPU+c1-c0
+		fwdWall, fwdCPU = fwdWall+fw, fwdCPU+cpuTime()-c1
+		bestStep, bestFwd = min(bestStep, w1.Sub(w0)), min(bestFwd, fw)
 		runtime.GC()
 		note()
 	}
-	per := time.Since(t0) / time.Duration(steps)
+	per := stepWall / time.Duration(steps)
 	d := float64(cfg.Dim)
 	layerW := d*float64(cfg.Heads*cfg.HeadDim)*2 + 2*d*float64(cfg.KVHeads*cfg.HeadDim) + 3*d*float64(cfg.FFN) + 2*d
 	suffixW := (float64(cfg.Layers-end)*layerW + d + float64(cfg.Vocab)*d + d*d) * 4
 	prunedW := (float64(cfg.Layers-(end-start))*layerW + d + 2*float64(cfg.Vocab)*d + d*d) * 4
 	res := benchStudentResult{
 		Backend: student.BLASBackend, Threads: tensor.Threads(), StepMillis: float64(per.Microseconds()) / 1e3,
-		TokensPerSec: float64(T) / per.Seconds(), GFLOPS: student.StepFLOPs(cfg, end, T, K, student.LossTopKKL) / per.Seconds() / 1e9,
+		ForwardMillis: float64((fwdWall / time.Duration(steps)).Microseconds()) / 1e3,
+		StepForward:   bestStep.Seconds() / bestFwd.Seconds(),
+		TokensPerSec:  float64(T) / per.Seconds(), GFLOPS: student.StepFLOPs(cfg, end, T, K, student.LossTopKKL) / per.Seconds() / 1e9,
 		EngineTokensPS: engineTPS, SgemmGFLOPS: sgemm,
 		SuffixWeightsMiB: suffixW / (1 << 20), PrunedModelMiB: prunedW / (1 << 20),
 		BatchActsMiB:    batchActivations(cfg, end, T, K) / (1 << 20),
 		PeakLiveHeapMiB: float64(peak) / (1 << 20), PeakRSSMiB: peakRSSMiB(), GOMEMLIMIT: os.Getenv("GOMEMLIMIT"),
+	}
+	if fwdCPU > 0 {
+		res.StepForwardCPU = stepCPU.Seconds() / fwdCPU.Seconds()
 	}
 	w := cmd.OutOrStdout()
 	fmt.Fprintf(w, "student KD step (topk-kl, k=%d) on d=%d, %d layers, vocab %d; cut [%d, %d): layers %d..%d, final norm and head loaded\n",
@@ -164,6 +190,9 @@ func runBenchStudent(cmd *cobra.Command, _ []string) error {
 	fmt.Fprintln(w, "| measure | value |")
 	fmt.Fprintln(w, "|---|---:|")
 	fmt.Fprintf(w, "| KD step, %d tokens | %.0f ms |\n", T, res.StepMillis)
+	fmt.Fprintf(w, "| forward of the same work (layers, norm, sparse head, loss; no backward) | %.0f ms |\n", res.ForwardMillis)
+	fmt.Fprintf(w, "| KD step / forward, wall time, best of %d each (target ≤ 2.2) | %.2f× |\n", steps, res.StepForward)
+	fmt.Fprintf(w, "| KD step / forward, process CPU time (all threads) | %.2f× |\n", res.StepForwardCPU)
 	fmt.Fprintf(w, "| student tokens/s | %.0f |\n", res.TokensPerSec)
 	fmt.Fprintf(w, "| student GFLOP/s | %.1f |\n", res.GFLOPS)
 	fmt.Fprintf(w, "| engine forward tokens/s (whole model) | %.0f |\n", res.EngineTokensPS)
@@ -178,6 +207,17 @@ func runBenchStudent(cmd *cobra.Command, _ []string) error {
 		return json.NewEncoder(w).Encode(res)
 	}
 	return nil
+}
+
+// cpuTime returns the process's user and system CPU time over all threads (0 where
+// unavailable): a cost that other processes' load on a shared machine inflates less than
+// wall time.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // peakRSSMiB reads VmHWM from /proc/self/status (0 where unavailable).

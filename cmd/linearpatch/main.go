@@ -54,7 +54,8 @@ func newRootCmd() *cobra.Command {
 	root.PersistentFlags().String("config", "", "YAML config file whose keys are the flag names")
 	root.PersistentFlags().Int("threads", 0, "compute threads (0: all cores)")
 	root.PersistentFlags().String("log-level", "info", "log level: debug, info, warn, error")
-	root.AddCommand(newEvalCmd(), newTokenizeCmd(), newSynthCmd(), newBenchCmd(), newPruneCmd(), newRunCmd(), newCoordinatorCmd(), newTeacherCmd(), newCacheCmd(), newStatusCmd(), newNATSServerCmd(), newStudentCmd(), newBenchStudentCmd())
+	root.AddCommand(newEvalCmd(), newTokenizeCmd(), newSynthCmd(), newBenchCmd(), newPruneCmd(), newRunCmd(), newCoordinatorCmd(), newTeacherCmd(), newCacheCmd(), newStatusCmd(), newPurgeCmd(), newNATSServerCmd(), newStudentCmd(), newBenchStudentCmd(), newBenchStudentsCmd())
+	root.AddCommand(newBenchDTypeCmd())
 	return root
 }
 
@@ -98,5 +99,8 @@ func resolve(cmd *cobra.Command) (settings, error) {
 		return settings{}, errors.New("--threads must be ≥ 0")
 	}
 	tensor.SetThreads(s.num("threads"))
+	if err := checkExplicitZeros(cmd, s); err != nil {
+		return settings{}, err
+	}
 	return s, nil
 }

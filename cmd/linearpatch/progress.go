@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"linearpatch/coordinator"
+	"linearpatch/protocol"
 	"log/slog"
 	"os"
 	"sync"
@@ -72,13 +73,13 @@ func (p *progress) Finish() {
 // phaseBars shows a progress bar per phase of a run, polling the coordinator's status.
 type phaseBars struct {
 	coord *coordinator.Coordinator
-	plan  *coordinator.Plan
-	bars  map[coordinator.Phase]*progress
-	ended map[coordinator.Phase]bool
+	plan  *protocol.Plan
+	bars  map[protocol.Phase]*progress
+	ended map[protocol.Phase]bool
 }
 
-func newPhaseBars(c *coordinator.Coordinator, p *coordinator.Plan) *phaseBars {
-	return &phaseBars{coord: c, plan: p, bars: map[coordinator.Phase]*progress{}, ended: map[coordinator.Phase]bool{}}
+func newPhaseBars(c *coordinator.Coordinator, p *protocol.Plan) *phaseBars {
+	return &phaseBars{coord: c, plan: p, bars: map[protocol.Phase]*progress{}, ended: map[protocol.Phase]bool{}}
 }
 
 func (b *phaseBars) run(ctx context.Context) {
@@ -96,12 +97,12 @@ func (b *phaseBars) run(ctx context.Context) {
 
 func (b *phaseBars) update() {
 	st := b.coord.Status()
-	for _, ph := range []coordinator.Phase{coordinator.PhaseStats, coordinator.PhaseCache} {
+	for _, ph := range []protocol.Phase{protocol.PhaseStats, protocol.PhaseCache} {
 		total := len(b.plan.Shards(ph))
 		if total == 0 || st.Done == nil || b.ended[ph] {
 			continue
 		}
-		if ph == coordinator.PhaseCache && st.Phase == coordinator.PhaseStats {
+		if ph == protocol.PhaseCache && st.Phase == protocol.PhaseStats {
 			continue
 		}
 		bar := b.bars[ph]

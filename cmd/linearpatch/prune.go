@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -34,7 +35,10 @@ highest mean cosine is pruned and the patch fitted by --method:
 
 The pruned model is written to --out as a Hugging Face directory (see README, "Exported
 model layout"). --eval FILE adds a comparison table: perplexity, KL divergence to the dense
-model and top-1 agreement with it, for the dense model, plain pruning and each method.`,
+model and top-1 agreement with it, for the dense model, plain pruning and each method
+(--protocol lines or join, see eval). --eval-tasks FILES adds the zero-shot accuracy on
+each multiple-choice task (see eval --tasks) and the retained accuracy: the mean over tasks
+of a variant's accuracy divided by the dense model's, for acc and acc_norm.`,
 		Args: cobra.NoArgs,
 		RunE: runPrune,
 	}
@@ -56,26 +60,31 @@ func addPruneFlags(cmd *cobra.Command) {
 	f.String("out", "", "output directory for the pruned model (must not exist; required)")
 	f.String("eval", "", "evaluation data: adds the comparison table")
 	f.Int("eval-windows", 0, "evaluate only the first N windows of --eval (0: all)")
+	f.StringSlice("eval-tasks", nil, "multiple-choice task files (JSON Lines, see eval --tasks): adds accuracy and retained % to the comparison")
+	addDataFlags(cmd, true)
 	f.String("report", "", "write report.md and PNG plots to this directory (must not exist)")
 	f.Bool("json", false, "print the result as one JSON object on the last line of stdout")
 }
 
 // pruneResult is prune's JSON output.
 type pruneResult struct {
-	Start    int                `json:"start"`
-	End      int                `json:"end"`
-	Method   string             `json:"method"`
-	Cosine   []float64          `json:"cosine"`
-	Out      string             `json:"out"`
-	Scale    []float64          `json:"scale,omitempty"`
-	PPL      map[string]float64 `json:"ppl,omitempty"`
-	KL       map[string]float64 `json:"kl,omitempty"`
-	Top1     map[string]float64 `json:"top1,omitempty"`
-	Report   string             `json:"report,omitempty"`
-	Seconds  float64            `json:"seconds"`
-	Calib    patch.Calibration  `json:"calibration"`
-	Fitted   []string           `json:"fitted"`
-	Selected string             `json:"selected_by"`
+	Start    int                          `json:"start"`
+	End      int                          `json:"end"`
+	Method   string                       `json:"method"`
+	Cosine   []float64                    `json:"cosine"`
+	Out      string                       `json:"out"`
+	Scale    []float64                    `json:"scale,omitempty"`
+	PPL      map[string]float64           `json:"ppl,omitempty"`
+	KL       map[string]float64           `json:"kl,omitempty"`
+	Top1     map[string]float64           `json:"top1,omitempty"`
+	Protocol model.Protocol               `json:"protocol,omitempty"` // of ppl, kl and top1
+	Tasks    map[string]model.TasksResult `json:"tasks,omitempty"`
+	Retained map[string]retainedJSON      `json:"retained,omitempty"`
+	Report   string                       `json:"report,omitempty"`
+	Seconds  float64                      `json:"seconds"`
+	Calib    patch.Calibration            `json:"calibration"`
+	Fitted   []string                     `json:"fitted"`
+	Selected string                       `json:"selected_by"`
 }
 
 // pruneSpec is the validated input of a prune.
@@ -83,6 +92,8 @@ type pruneSpec struct {
 	modelPath, calib, out, eval, report string
 	calibWindows, seqLen, numPrune      int
 	evalWindows                         int
+	evalTasks                           []string
+	data                                dataSpec
 	methods                             []patch.Method
 	all, allowEdges, json               bool
 	ridge                               float64
@@ -93,7 +104,11 @@ func pruneSpecFrom(s settings) (pruneSpec, error) {
 		modelPath: s.str("model"), calib: s.str("calib"), out: s.str("out"), eval: s.str("eval"),
 		report: s.str("report"), calibWindows: s.num("calib-windows"), seqLen: s.num("seq-len"),
 		numPrune: s.num("num-prune"), evalWindows: s.num("eval-windows"), allowEdges: s.flag("allow-edges"),
-		json: s.flag("json"), ridge: s.float("ridge"),
+		json: s.flag("json"), ridge: s.float("ridge"), evalTasks: s.list("eval-tasks"),
+	}
+	var err error
+	if p.data, err = evalDataSpec(s); err != nil {
+		return p, err
 	}
 	var missing []string
 	for _, req := range []struct{ flag, val string }{{"--model", p.modelPath}, {"--calib", p.calib}, {"--out", p.out}} {
@@ -125,6 +140,9 @@ func pruneSpecFrom(s settings) (pruneSpec, error) {
 	default:
 		return p, fmt.Errorf("--method %q: want rotate, diag, lstsq, none or all", m)
 	}
+	if p.report != "" && nested(p.out, p.report) {
+		return p, fmt.Errorf("--out %s and --report %s must be separate directories, neither inside the other", p.out, p.report)
+	}
 	for _, path := range []string{p.out, p.report} {
 		if path == "" {
 			continue
@@ -132,8 +150,24 @@ func pruneSpecFrom(s settings) (pruneSpec, error) {
 		if _, err := os.Stat(path); err == nil {
 			return p, fmt.Errorf("%s already exists; remove it or choose another path", path)
 		}
+		if err := patch.CheckDest(path); err != nil { // before any work, not after it
+			return p, err
+		}
 	}
 	return p, nil
+}
+
+// nested reports whether a and b are the same path or one lies inside the other.
+func nested(a, b string) bool {
+	a, b = filepath.Clean(a), filepath.Clean(b)
+	if aa, err := filepath.Abs(a); err == nil {
+		a = aa
+	}
+	if bb, err := filepath.Abs(b); err == nil {
+		b = bb
+	}
+	inside := func(x, y string) bool { r, err := filepath.Rel(y, x); return err == nil && filepath.IsLocal(r) }
+	return a == b || inside(a, b) || inside(b, a)
 }
 
 func (p pruneSpec) wants(m patch.Method) bool {
@@ -156,7 +190,7 @@ func runPrune(cmd *cobra.Command, _ []string) error {
 	}
 	began := time.Now()
 	ctx := cmd.Context()
-	m, err := loadModel(spec.modelPath)
+	m, err := loadModel(ctx, spec.modelPath)
 	if err != nil {
 		return err
 	}
@@ -164,7 +198,11 @@ func runPrune(cmd *cobra.Command, _ []string) error {
 	if spec.numPrune >= L-1 && !spec.allowEdges || spec.numPrune >= L {
 		return fmt.Errorf("--num-prune %d: the model has %d layers; at most %d can be pruned (%d with --allow-edges)", spec.numPrune, L, max(L-2, 0), L-1)
 	}
-	calib, err := loadWindows(spec.modelPath, spec.calib, m.Vocab, spec.seqLen, spec.calibWindows)
+	tasks, err := loadTasks(spec.modelPath, spec.evalTasks, m.Vocab, m.Config.MaxSeq)
+	if err != nil {
+		return err
+	}
+	calib, err := loadWindows(ctx, spec.modelPath, spec.calib, m.Vocab, spec.seqLen, spec.calibWindows, spec.data.lines())
 	if err != nil {
 		return err
 	}
@@ -173,7 +211,7 @@ func runPrune(cmd *cobra.Command, _ []string) error {
 	}
 	var evalWindows [][]int
 	if spec.eval != "" {
-		if evalWindows, err = loadWindows(spec.modelPath, spec.eval, m.Vocab, spec.seqLen, spec.evalWindows); err != nil {
+		if evalWindows, err = loadWindows(ctx, spec.modelPath, spec.eval, m.Vocab, spec.seqLen, spec.evalWindows, spec.data); err != nil {
 			return err
 		}
 	}
@@ -236,19 +274,30 @@ func runPrune(cmd *cobra.Command, _ []string) error {
 		res.Fitted = append(res.Fitted, string(meth))
 	}
 	var scores map[string]patch.Score
-	if evalWindows != nil {
-		variants := []patch.Variant{{Name: string(patch.MethodNone)}}
-		for _, meth := range spec.methods {
-			if meth != patch.MethodNone {
-				variants = append(variants, patch.Variant{Name: string(meth), P: patches[meth]})
-			}
+	variants := []patch.Variant{{Name: string(patch.MethodNone)}}
+	for _, meth := range spec.methods {
+		if meth != patch.MethodNone {
+			variants = append(variants, patch.Variant{Name: string(meth), P: patches[meth]})
 		}
+	}
+	ev := evalTables{protocol: spec.data.protocol}
+	if tasks != nil {
+		bar := newProgress("tasks", "batches", model.TaskBatches(tasks, m.Vocab))
+		ev.tasks, err = patch.CompareTasks(ctx, m, tasks, start, end, variants, bar.Set)
+		bar.Finish()
+		if err != nil {
+			return err
+		}
+		res.Tasks, res.Retained = ev.tasks, ev.retained()
+	}
+	if evalWindows != nil {
 		bar := newProgress("evaluate", "windows", len(evalWindows))
 		scores, err = patch.Compare(ctx, m, evalWindows, start, end, variants, bar.Set)
 		bar.Finish()
 		if err != nil {
 			return err
 		}
+		ev.scores, res.Protocol = scores, spec.data.protocol
 		res.PPL, res.KL, res.Top1 = map[string]float64{}, map[string]float64{}, map[string]float64{}
 		for n, sc := range scores {
 			res.PPL[n], res.KL[n], res.Top1[n] = sc.PPL, sc.KL, sc.Top1
@@ -288,16 +337,25 @@ func runPrune(cmd *cobra.Command, _ []string) error {
 		Calibration: res.Calib,
 		Eval:        scores,
 	}
-	if chosen == patch.MethodRotate {
-		rec.Hadamard = "Sylvester (natural order) ⊗ order-m factor, normalized; see patch/hadamard.go"
+	if scores != nil {
+		rec.Extra = map[string]any{"eval_protocol": spec.data.protocol}
+	}
+	if ev.tasks != nil {
+		if rec.Extra == nil {
+			rec.Extra = map[string]any{}
+		}
+		rec.Extra["eval_tasks"] = ev.tasks
 	}
 	if chosen == patch.MethodLstsq {
 		rec.Ridge = spec.ridge
 	}
-	if err := patch.Export(spec.out, m, patches[chosen], rec); err != nil {
+	// Every output is staged and committed together at the end: a failure leaves none.
+	exported, err := patch.StageExport(spec.out, m, patches[chosen], rec)
+	if err != nil {
 		return err
 	}
-
+	defer exported.Discard()
+	var report *patch.Staged
 	if spec.report != "" {
 		n := min(len(calib), 8)
 		prof, err := patch.ProfileCut(ctx, m, h, calib[:n], start, end, patches[chosen])
@@ -306,16 +364,22 @@ func runPrune(cmd *cobra.Command, _ []string) error {
 		}
 		in := patch.ReportInput{
 			Model: spec.modelPath, NumPrune: spec.numPrune, Start: start, End: end, Method: string(chosen),
-			AllowEdges: spec.allowEdges, Cosine: cos, Scores: scores, Profile: prof,
+			AllowEdges: spec.allowEdges, Cosine: cos, Scores: scores, Profile: prof, Protocol: string(spec.data.protocol), Tasks: ev.tasks,
 			Extra: []string{fmt.Sprintf("Calibration: %d windows of %d tokens from `%s`.", len(calib), spec.seqLen, spec.calib)},
 		}
-		if err := patch.WriteReport(spec.report, in); err != nil {
+		if report, err = patch.StageReport(spec.report, in); err != nil {
 			return err
 		}
+		defer report.Discard()
+	}
+	if err := commitOutputs(spec.out, exported, report); err != nil {
+		return err
+	}
+	if report != nil {
 		res.Report = spec.report
 	}
 	res.Seconds = time.Since(began).Seconds()
-	printPruneTable(cmd.OutOrStdout(), res, scores)
+	printPruneTable(cmd.OutOrStdout(), res, ev)
 	if spec.json {
 		return json.NewEncoder(cmd.OutOrStdout()).Encode(res)
 	}
@@ -333,7 +397,7 @@ func without(ms []patch.Method, drop patch.Method) []patch.Method {
 }
 
 // printPruneTable prints the selection and, with scores, the comparison as Markdown.
-func printPruneTable(w io.Writer, res pruneResult, scores map[string]patch.Score) {
+func printPruneTable(w io.Writer, res pruneResult, ev evalTables) {
 	fmt.Fprintf(w, "pruned block [%d, %d) (mean cosine %.6f); method %s (%s); written to %s\n\n",
 		res.Start, res.End, res.Cosine[res.Start], res.Method, res.Selected, res.Out)
 	fmt.Fprintln(w, "| start | cosine |")
@@ -345,9 +409,9 @@ func printPruneTable(w io.Writer, res pruneResult, scores map[string]patch.Score
 		}
 		fmt.Fprintf(w, "| %d | %.6f%s |\n", i, c, mark)
 	}
-	if scores == nil {
+	if ev.empty() {
 		return
 	}
-	printScores(w, scores)
+	printScores(w, ev)
 	fmt.Fprintln(w)
 }

@@ -15,10 +15,17 @@ import (
 
 func newSynthCmd() *cobra.Command {
 	cmd := &cobra.Command{
-		Use:   "synth --out DIR --dim D --layers L --heads H --kv-heads K --ffn F --vocab V",
+		Use:   "synth --out DIR (--like CONFIG.json | --dim D --layers L --heads H --kv-heads K --ffn F --vocab V)",
 		Short: "Write a Hugging Face model directory with seeded random weights",
-		Long: `Write a LLaMA model with seeded random weights (config.json + model.safetensors) for
-benchmarks and tests. It has no tokenizer: give it JSON Lines token data.`,
+		Long: `Write a model with seeded random weights (config.json + model.safetensors) for
+benchmarks and tests. It has no tokenizer: give it JSON Lines token data.
+
+With --like, the shapes and architecture come from a real model's config.json (any
+supported model_type: llama, mistral, qwen2, qwen3, with its rope scaling, sliding window,
+head_dim, tied head); the shape flags given explicitly (--layers, --dim, --vocab, ...)
+override it, e.g. --layers 4 for the first layers of LLaMA-3-8B (head_dim stays the
+config's unless --head-dim is given). Weights are drawn and
+written a block at a time, so the file may be larger than memory.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			s, err := resolve(cmd)
@@ -29,20 +36,15 @@ benchmarks and tests. It has no tokenizer: give it JSON Lines token data.`,
 			if out == "" {
 				return fmt.Errorf("--out is required")
 			}
-			cfg := model.Config{
-				Arch: "llama", Dim: s.num("dim"), Layers: s.num("layers"), Heads: s.num("heads"),
-				KVHeads: s.num("kv-heads"), FFN: s.num("ffn"), Vocab: s.num("vocab"),
-				HeadDim: s.num("head-dim"), MaxSeq: s.num("max-seq"), TiedHead: s.flag("tied"),
-				QKVBias: s.flag("qkv-bias"),
+			dtype, ok := map[string]string{"f32": "F32", "f16": "F16", "bf16": "BF16"}[strings.ToLower(s.str("dtype"))]
+			if !ok {
+				return fmt.Errorf("--dtype %q: want f32, f16 or bf16", s.str("dtype"))
 			}
-			if cfg.QKVBias {
-				cfg.Arch = "qwen2"
-			}
-			m, err := model.Synthetic(cfg, s.uint64("seed"))
+			cfg, err := synthConfig(s)
 			if err != nil {
 				return err
 			}
-			if err := saveModelDir(m, out); err != nil {
+			if cfg, err = writeSynthDir(cfg, s.uint64("seed"), dtype, out); err != nil {
 				return err
 			}
 			if path := s.str("data"); path != "" {
@@ -53,6 +55,8 @@ benchmarks and tests. It has no tokenizer: give it JSON Lines token data.`,
 	}
 	f := cmd.Flags()
 	f.String("out", "", "output directory (must not exist)")
+	f.String("like", "", "take shapes and architecture from this config.json (or a model directory holding one)")
+	f.String("dtype", "f32", "weight dtype on disk: f32, f16 or bf16")
 	f.Int("dim", 256, "hidden size")
 	f.Int("layers", 4, "transformer layers")
 	f.Int("heads", 8, "attention heads")
@@ -69,29 +73,75 @@ benchmarks and tests. It has no tokenizer: give it JSON Lines token data.`,
 	return cmd
 }
 
-// saveModelDir writes m to dir atomically: into a temporary sibling directory first, renamed
-// into place at the end, so a failure leaves nothing at dir. dir must not exist.
-func saveModelDir(m *model.Model, dir string) error {
+// synthConfig returns the configuration synth writes: --like's config.json with the shape
+// settings given explicitly on top, or the shape settings alone.
+func synthConfig(s settings) (model.Config, error) {
+	like := s.str("like")
+	if like == "" {
+		cfg := model.Config{
+			Arch: "llama", Dim: s.num("dim"), Layers: s.num("layers"), Heads: s.num("heads"),
+			KVHeads: s.num("kv-heads"), FFN: s.num("ffn"), Vocab: s.num("vocab"),
+			HeadDim: s.num("head-dim"), MaxSeq: s.num("max-seq"), TiedHead: s.flag("tied"),
+			QKVBias: s.flag("qkv-bias"),
+		}
+		if cfg.QKVBias {
+			cfg.Arch = "qwen2"
+		}
+		return cfg, nil
+	}
+	if st, err := os.Stat(like); err == nil && st.IsDir() {
+		like = filepath.Join(like, "config.json")
+	}
+	cfg, err := model.ReadConfig(like)
+	if err != nil {
+		return model.Config{}, fmt.Errorf("--like: %w", err)
+	}
+	cfg.LinearPatch = nil
+	for key, field := range map[string]*int{"dim": &cfg.Dim, "layers": &cfg.Layers, "heads": &cfg.Heads,
+		"kv-heads": &cfg.KVHeads, "head-dim": &cfg.HeadDim, "ffn": &cfg.FFN, "vocab": &cfg.Vocab, "max-seq": &cfg.MaxSeq} {
+		if s.v.IsSet(key) {
+			*field = s.num(key)
+		}
+	}
+	if s.v.IsSet("tied") {
+		cfg.TiedHead = s.flag("tied")
+	}
+	if s.v.IsSet("qkv-bias") && s.flag("qkv-bias") != cfg.QKVBias {
+		return model.Config{}, fmt.Errorf("--qkv-bias with --like: the biases come with the model_type (%s)", cfg.Arch)
+	}
+	if err := cfg.Validate(); err != nil {
+		return model.Config{}, fmt.Errorf("--like %s with the flags given: %w", like, err)
+	}
+	return cfg, nil
+}
+
+// writeSynthDir writes the synthetic model of cfg to dir atomically: into a temporary
+// sibling directory first, renamed into place at the end, so a failure leaves nothing at
+// dir. dir must not exist. It returns the configuration written.
+func writeSynthDir(cfg model.Config, seed uint64, dtype, dir string) (model.Config, error) {
 	if _, err := os.Stat(dir); err == nil {
-		return fmt.Errorf("%s already exists; remove it or choose another --out", dir)
+		return model.Config{}, fmt.Errorf("%s already exists; remove it or choose another --out", dir)
 	}
 	parent := filepath.Dir(filepath.Clean(dir))
 	if err := os.MkdirAll(parent, 0o755); err != nil {
-		return err
+		return model.Config{}, err
 	}
 	tmp, err := os.MkdirTemp(parent, "."+filepath.Base(dir)+".tmp-*")
 	if err != nil {
-		return err
+		return model.Config{}, err
 	}
-	if err := m.Save(tmp); err != nil {
+	cfg, err = model.WriteSynthetic(tmp, cfg, seed, dtype)
+	if err == nil {
+		err = os.Chmod(tmp, 0o755)
+	}
+	if err == nil {
+		err = os.Rename(tmp, dir)
+	}
+	if err != nil {
 		os.RemoveAll(tmp)
-		return err
+		return model.Config{}, err
 	}
-	if err := os.Rename(tmp, dir); err != nil {
-		os.RemoveAll(tmp)
-		return err
-	}
-	return nil
+	return cfg, nil
 }
 
 // writeRandomTokens writes n uniformly random token ids as JSON Lines of 1024 ids a line,

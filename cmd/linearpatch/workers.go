@@ -2,13 +2,11 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"time"
 
@@ -17,8 +15,8 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"linearpatch/cache"
-	"linearpatch/coordinator"
 	"linearpatch/model"
+	"linearpatch/protocol"
 	"linearpatch/shards"
 	"linearpatch/teacher"
 	"linearpatch/worker"
@@ -31,7 +29,7 @@ func addWorkerFlags(cmd *cobra.Command) {
 }
 
 // joinRun connects a worker process to a run's NATS and waits until its bucket exists.
-func joinRun(ctx context.Context, s settings, name string) (*natsConn, worker.Names, error) {
+func joinRun(ctx context.Context, s settings, role worker.Role, name string) (*natsConn, worker.Names, error) {
 	run := s.str("run")
 	if run == "" && s.str("run-dir") != "" {
 		b, err := os.ReadFile(filepath.Join(s.str("run-dir"), "run.id"))
@@ -47,7 +45,7 @@ func joinRun(ctx context.Context, s settings, name string) (*natsConn, worker.Na
 	if err != nil {
 		return nil, worker.Names{}, err
 	}
-	conn, err := connectNATS(ctx, s, s.str("run-dir"), false, name)
+	conn, err := connectNATS(ctx, s, s.str("run-dir"), nil, role, name)
 	if err != nil {
 		return nil, worker.Names{}, err
 	}
@@ -72,7 +70,7 @@ func untilDone(ctx context.Context, js jetstream.JetStream, names worker.Names, 
 				if err != nil {
 					continue
 				}
-				if e, err := kv.Get(runCtx, coordinator.KeyPhase); err == nil && coordinator.Phase(e.Value()) == coordinator.PhaseDone {
+				if e, err := kv.Get(runCtx, protocol.KeyPhase); err == nil && protocol.Phase(e.Value()) == protocol.PhaseDone {
 					slog.Info("the run is done; exiting")
 					stop()
 					return nil
@@ -110,11 +108,16 @@ killed teacher's shard goes to another after --ack-wait. Exits when the run is d
 			if err != nil {
 				return err
 			}
-			m, err := model.Load(path)
+			reg, stopMetrics, err := startMetrics(ctx, s)
 			if err != nil {
 				return err
 			}
-			conn, names, err := joinRun(ctx, s, "linearpatch-teacher")
+			defer stopMetrics()
+			m, err := model.LoadContext(ctx, path)
+			if err != nil {
+				return err
+			}
+			conn, names, err := joinRun(ctx, s, worker.RoleTeacher, "linearpatch-teacher")
 			if err != nil {
 				return err
 			}
@@ -124,7 +127,8 @@ killed teacher's shard goes to another after --ack-wait. Exits when the run is d
 				return err
 			}
 			tw, err := teacher.NewWorker(teacher.Options{Name: s.str("name"), NC: conn.nc, JS: conn.js, Names: names,
-				Compute: comp, Fingerprint: fp, Stream: streamConfig(s), WindowDelay: s.v.GetDuration("slow-window")})
+				Compute: comp, Fingerprint: fp, Stream: streamConfig(s), WindowDelay: s.v.GetDuration("slow-window"),
+				Metrics: reg.Teacher()})
 			if err != nil {
 				return err
 			}
@@ -133,8 +137,10 @@ killed teacher's shard goes to another after --ack-wait. Exits when the run is d
 	}
 	addWorkerFlags(cmd)
 	addNATSFlags(cmd)
+	addTaskFlags(cmd)
 	cmd.Flags().String("model", "", "the original model (required)")
 	cmd.Flags().String("name", "", "teacher name in status reports (default: host-pid)")
+	addMetricsFlag(cmd)
 	cmd.Flags().Duration("slow-window", 0, "sleep this long after each window (fault-injection tests)")
 	_ = cmd.Flags().MarkHidden("slow-window")
 	return cmd
@@ -172,12 +178,18 @@ the stream. Exits when the run is done.`,
 			if err != nil {
 				return err
 			}
-			conn, names, err := joinRun(ctx, s, "linearpatch-cache")
+			reg, stopMetrics, err := startMetrics(ctx, s)
+			if err != nil {
+				return err
+			}
+			defer stopMetrics()
+			conn, names, err := joinRun(ctx, s, worker.RoleCache, "linearpatch-cache")
 			if err != nil {
 				return err
 			}
 			defer conn.Close()
-			w, err := cache.NewWriter(cache.Options{JS: conn.js, Names: names, Dir: dir, Compression: comp, Dim: cfg.Dim, Vocab: cfg.Vocab})
+			w, err := cache.NewWriter(cache.Options{JS: conn.js, Names: names, Dir: dir, Compression: comp, Dim: cfg.Dim, Vocab: cfg.Vocab,
+				Metrics: reg.CacheWriter()})
 			if err != nil {
 				return err
 			}
@@ -189,6 +201,7 @@ the stream. Exits when the run is done.`,
 	cmd.Flags().String("model", "", "the original model (its config gives the record shapes; required)")
 	cmd.Flags().String("dir", "", "cache directory (default: RUN-DIR/cache)")
 	cmd.Flags().String("compression", "zstd", "shard file compression: zstd, lz4 or none")
+	addMetricsFlag(cmd)
 	return cmd
 }
 
@@ -196,72 +209,12 @@ func newStatusCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "status --run ID [--nats URL | --run-dir DIR]",
 		Short: "Show a run's phase, shards done/leased/pending and tokens/s per teacher",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			s, err := resolve(cmd)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
-			defer cancel()
-			conn, names, err := joinRun(ctx, s, "linearpatch-status")
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			kv, err := conn.js.KeyValue(ctx, names.KVBucket())
-			if err != nil {
-				return fmt.Errorf("run %s: %w", names.Run(), err)
-			}
-			var st coordinator.Status
-			e, err := kv.Get(ctx, coordinator.KeyStatus)
-			if err != nil {
-				return fmt.Errorf("run %s has no status yet (is its coordinator running?): %w", names.Run(), err)
-			}
-			if err := json.Unmarshal(e.Value(), &st); err != nil {
-				return err
-			}
-			writer, werr := cache.CurrentWriter(ctx, kv)
-			if s.flag("json") {
-				return json.NewEncoder(cmd.OutOrStdout()).Encode(struct {
-					coordinator.Status
-					CacheWriter *cache.Holder `json:"cache_writer"`
-				}{st, writer})
-			}
-			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "run %s: phase %s (as of %s)\n\n", st.Run, st.Phase, st.Updated.Format(time.RFC3339))
-			fmt.Fprintln(w, "| phase | done | leased | pending | total |")
-			fmt.Fprintln(w, "|---|---:|---:|---:|---:|")
-			for _, ph := range []coordinator.Phase{coordinator.PhaseStats, coordinator.PhaseCache} {
-				if st.Total[ph] == 0 {
-					continue
-				}
-				fmt.Fprintf(w, "| %s | %d | %d | %d | %d |\n", ph, st.Done[ph], st.Leased[ph], st.Total[ph]-st.Done[ph]-st.Leased[ph], st.Total[ph])
-			}
-			switch {
-			case werr != nil:
-				fmt.Fprintf(w, "\ncache writer: unknown (%v)\n", werr)
-			case writer == nil:
-				fmt.Fprintln(w, "\ncache writer: none")
-			default:
-				fmt.Fprintf(w, "\ncache writer: %s\n", writer)
-			}
-			if len(st.Teachers) > 0 {
-				names := make([]string, 0, len(st.Teachers))
-				for n := range st.Teachers {
-					names = append(names, n)
-				}
-				sort.Strings(names)
-				fmt.Fprintln(w, "\n| teacher | tokens/s | tokens | threads | working on | last seen |")
-				fmt.Fprintln(w, "|---|---:|---:|---:|---|---|")
-				for _, n := range names {
-					t := st.Teachers[n]
-					fmt.Fprintf(w, "| %s | %.0f | %d | %d | %s %d | %s ago |\n", n, t.TokensPerSec, t.TotalTokens, t.Threads,
-						t.Phase, t.Shard, time.Since(t.LastSeen).Round(time.Second))
-				}
-			}
-			return nil
-		},
+		Long: `Show a run's phase, its shards done, leased and pending (pending ones by id), the
+cache writer and the teachers; a WARNING line when shards wait and every teacher is gone.
+For a run whose embedded server has ended (a finished single-process run), --run-dir reads
+what the run directory records instead. --json prints durations in seconds.`,
+		Args: cobra.NoArgs,
+		RunE: runStatus,
 	}
 	addWorkerFlags(cmd)
 	addNATSFlags(cmd)

@@ -22,8 +22,15 @@ var attnRowsPerBlock = 64
 // parallel, OpenBLAS is held at one thread (a process-wide setting): BLAS products that
 // other goroutines run meanwhile stay correct but single-threaded.
 func Attention(dst, q, k, v *Matrix, seqLen, heads, kvHeads int) {
+	AttentionWindow(dst, q, k, v, seqLen, heads, kvHeads, 0)
+}
+
+// AttentionWindow is Attention with a sliding window (Mistral's): when window > 0, the
+// query at position t only sees the keys at positions s with t − window < s ≤ t. window 0
+// is plain causal attention. It panics as Attention does, and on window < 0.
+func AttentionWindow(dst, q, k, v *Matrix, seqLen, heads, kvHeads, window int) {
 	mustShape("Attention", seqLen >= 1 && heads >= 1 && kvHeads >= 1 && heads%kvHeads == 0 &&
-		q.Cols%heads == 0, "seqLen %d, %d heads, %d kv heads, q width %d", seqLen, heads, kvHeads, q.Cols)
+		q.Cols%heads == 0 && window >= 0, "seqLen %d, %d heads, %d kv heads, q width %d, window %d", seqLen, heads, kvHeads, q.Cols, window)
 	hd := q.Cols / heads
 	mustShape("Attention", q.Rows%seqLen == 0 && dst.SameShape(q) &&
 		k.Rows == q.Rows && v.Rows == q.Rows && k.Cols == kvHeads*hd && v.Cols == kvHeads*hd,
@@ -64,16 +71,26 @@ func Attention(dst, q, k, v *Matrix, seqLen, heads, kvHeads int) {
 		vb := v.Data[b*T*v.Cols+g*hd:]
 		for p0 := 0; p0 < T; p0 += bq {
 			p1 := min(p0+bq, T)
+			k0 := 0 // first key any query of the block sees
+			if window > 0 {
+				k0 = max(0, p0-window+1)
+			}
+			nk := p1 - k0
 			rows := (p1 - p0) * G
-			sc := s.s[:rows*p1]
-			gemm(false, true, rows, p1, hd, scale, s.q[p0*gw:], hd, kb, k.Cols, 0, sc, p1)
+			sc := s.s[:rows*nk]
+			gemm(false, true, rows, nk, hd, scale, s.q[p0*gw:], hd, kb[k0*k.Cols:], k.Cols, 0, sc, nk)
 			for r := range rows {
 				t := p0 + r/G
-				row := sc[r*p1 : (r+1)*p1]
-				Softmax(row[:t+1])
-				clear(row[t+1:])
+				lo := 0
+				if window > 0 {
+					lo = max(0, t-window+1) - k0
+				}
+				row := sc[r*nk : (r+1)*nk]
+				clear(row[:lo])
+				Softmax(row[lo : t+1-k0])
+				clear(row[t+1-k0:])
 			}
-			gemm(false, false, rows, hd, p1, 1, sc, p1, vb, v.Cols, 0, s.o[p0*gw:], hd)
+			gemm(false, false, rows, hd, nk, 1, sc, nk, vb[k0*v.Cols:], v.Cols, 0, s.o[p0*gw:], hd)
 		}
 		for t := range T {
 			off := (b*T+t)*dst.Cols + g*gw

@@ -32,7 +32,7 @@ func TestAttentionMatchesNaive(t *testing.T) {
 			q0, k0, v0 := q.Clone(), k.Clone(), v.Clone()
 			got, want := randMatrix(rng, n, c.heads*c.hd), New(n, c.heads*c.hd)
 			Attention(got, q, k, v, c.seqLen, c.heads, c.kvHeads)
-			naiveAttention(want, q, k, v, c.seqLen, c.heads, c.kvHeads)
+			naiveAttention(want, q, k, v, c.seqLen, c.heads, c.kvHeads, 0)
 			checkClose(t, fmt.Sprintf("Attention %+v", c), got.Data, want.Data)
 			checkUnchanged(t, "q", q, q0)
 			checkUnchanged(t, "k", k, k0)
@@ -47,7 +47,7 @@ func TestAttentionBlockSizes(t *testing.T) {
 	rng := rand.New(rand.NewSource(11))
 	q, k, v := randMatrix(rng, 2*37, 4*6), randMatrix(rng, 2*37, 2*6), randMatrix(rng, 2*37, 2*6)
 	want := New(2*37, 4*6)
-	naiveAttention(want, q, k, v, 37, 4, 2)
+	naiveAttention(want, q, k, v, 37, 4, 2, 0)
 	for _, rows := range []int{1, 2, 5, 64, 1000} {
 		attnRowsPerBlock = rows
 		got := New(2*37, 4*6)
@@ -56,7 +56,60 @@ func TestAttentionBlockSizes(t *testing.T) {
 	}
 }
 
+// TestAttentionWindowMatchesNaive checks the sliding window against the naive twin over
+// windows shorter than, equal to and longer than the sequence, under several block sizes
+// (a block's first keys then fall outside some of its queries' windows).
+func TestAttentionWindowMatchesNaive(t *testing.T) {
+	defer func(b int) { attnRowsPerBlock = b }(attnRowsPerBlock)
+	withThreads(t, func(t *testing.T) {
+		rng := rand.New(rand.NewSource(13))
+		cases := []struct{ batch, seqLen, heads, kvHeads, hd, window int }{
+			{1, 1, 1, 1, 1, 1}, {2, 5, 2, 1, 3, 1}, {1, 9, 4, 2, 4, 3}, {2, 37, 4, 2, 6, 8},
+			{1, 70, 4, 4, 5, 48}, {1, 20, 2, 1, 4, 20}, {3, 17, 4, 2, 3, 100},
+		}
+		for range 6 {
+			kv := 1 + rng.Intn(3)
+			g := []int{1, 2, 4}[rng.Intn(3)]
+			T := 1 + rng.Intn(80)
+			cases = append(cases, struct{ batch, seqLen, heads, kvHeads, hd, window int }{
+				1 + rng.Intn(3), T, kv * g, kv, 1 + rng.Intn(12), 1 + rng.Intn(T+3)})
+		}
+		for _, rows := range []int{1, 5, 64} {
+			attnRowsPerBlock = rows
+			for _, c := range cases {
+				n := c.batch * c.seqLen
+				q := randMatrix(rng, n, c.heads*c.hd)
+				k := randMatrix(rng, n, c.kvHeads*c.hd)
+				v := randMatrix(rng, n, c.kvHeads*c.hd)
+				q0, k0, v0 := q.Clone(), k.Clone(), v.Clone()
+				got, want := randMatrix(rng, n, c.heads*c.hd), New(n, c.heads*c.hd)
+				AttentionWindow(got, q, k, v, c.seqLen, c.heads, c.kvHeads, c.window)
+				naiveAttention(want, q, k, v, c.seqLen, c.heads, c.kvHeads, c.window)
+				checkClose(t, fmt.Sprintf("AttentionWindow %+v rows %d", c, rows), got.Data, want.Data)
+				checkUnchanged(t, "q", q, q0)
+				checkUnchanged(t, "k", k, k0)
+				checkUnchanged(t, "v", v, v0)
+				if c.window >= c.seqLen { // a window covering the sequence is plain causal attention
+					full := New(n, c.heads*c.hd)
+					Attention(full, q, k, v, c.seqLen, c.heads, c.kvHeads)
+					checkClose(t, fmt.Sprintf("window ≥ seqLen %+v", c), got.Data, full.Data)
+				}
+			}
+		}
+	})
+	// The window changes results once the sequence is longer than it.
+	rng := rand.New(rand.NewSource(14))
+	q, k, v := randMatrix(rng, 10, 4), randMatrix(rng, 10, 4), randMatrix(rng, 10, 4)
+	a, b := New(10, 4), New(10, 4)
+	Attention(a, q, k, v, 10, 1, 1)
+	AttentionWindow(b, q, k, v, 10, 1, 1, 3)
+	if fmt.Sprint(a.Row(9)) == fmt.Sprint(b.Row(9)) || fmt.Sprint(a.Row(2)) != fmt.Sprint(b.Row(2)) {
+		t.Fatal("window 3 should change position 9 and leave position 2 alone")
+	}
+}
+
 func TestAttentionShapePanics(t *testing.T) {
+	mustPanic(t, "window -1", func() { AttentionWindow(New(8, 8), New(8, 8), New(8, 4), New(8, 4), 4, 2, 1, -1) })
 	q, kv := New(8, 8), New(8, 4)
 	dst := New(8, 8)
 	mustPanic(t, "Attention", func() { Attention(dst, q, kv, kv, 3, 2, 1) })        // rows not a multiple
@@ -79,7 +132,7 @@ func TestAttentionConcurrent(t *testing.T) {
 	rng := rand.New(rand.NewSource(12))
 	q, k, v := randMatrix(rng, 3*40, 4*8), randMatrix(rng, 3*40, 2*8), randMatrix(rng, 3*40, 2*8)
 	want := New(3*40, 4*8)
-	naiveAttention(want, q, k, v, 40, 4, 2)
+	naiveAttention(want, q, k, v, 40, 4, 2, 0)
 	var wg sync.WaitGroup
 	bad := make([]bool, 6)
 	for g := range bad {

@@ -29,10 +29,16 @@ func gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int,
 // setBLASThreads is a no-op: gonum's Sgemm sizes its own goroutine pool from GOMAXPROCS.
 func setBLASThreads(int) {}
 
-// goSplitsGemm: gonum's Sgemm parallelizes itself.
-const goSplitsGemm = false
+// padRowBlocks: gonum's Sgemm computes each output element with the same loops whatever
+// the row count of the call (its kernel choice depends on the column and inner sizes, and
+// on the row count only through blocks that mulInto already fixes at gemmRowBlock rows), so
+// a partial row block needs no padding.
+const padRowBlocks = false
 
 func nativeBLASThreads(int) {}
 
 // blasThreads reports 1: gonum has no thread setting of its own.
 func blasThreads() int { return 1 }
+
+// BLASCore names the BLAS kernels: gonum's Go and assembly code in this build.
+func BLASCore() string { return "gonum" }

@@ -32,11 +32,13 @@ func gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int,
 		(*C.float)(unsafe.Pointer(&c[0])), C.blasint(ldc))
 }
 
-// goSplitsGemm: OpenBLAS runs single-threaded and mulInto splits large products across
-// goroutines itself. Measured here, this matches OpenBLAS's own threading on large
-// products and avoids its pool's spinning (seconds of system time) on the many small
-// products of a small model, and it composes with the Go kernels' goroutines.
-const goSplitsGemm = true
+// padRowBlocks: OpenBLAS chooses kernels and tail code from a call's shape, so mulInto gives
+// every call exactly gemmRowBlock rows (see mulInto). OpenBLAS runs single-threaded and
+// mulInto splits products across goroutines itself. Measured here, this matches OpenBLAS's
+// own threading on large products and avoids its pool's spinning (seconds of system time)
+// on the many small products of a small model, and it composes with the Go kernels'
+// goroutines.
+const padRowBlocks = true
 
 func init() { C.openblas_set_num_threads(1) }
 
@@ -48,3 +50,7 @@ func nativeBLASThreads(n int) { C.openblas_set_num_threads(C.int(n)) }
 
 // blasThreads returns OpenBLAS's current thread count.
 func blasThreads() int { return int(C.openblas_get_num_threads()) }
+
+// BLASCore names the kernel set OpenBLAS runs on this CPU (openblas_get_corename: for
+// example "Haswell", "SkylakeX" or "Prescott"; OPENBLAS_CORETYPE can force one).
+func BLASCore() string { return C.GoString(C.openblas_get_corename()) }

@@ -1,6 +1,10 @@
 package tensor
 
-import "math"
+import (
+	"math"
+	"strconv"
+	"unsafe"
+)
 
 // Half-precision conversions shared by the safetensors loader and the activation cache.
 // Narrowing rounds to nearest even; widening is exact. Subnormals, infinities and NaN
@@ -77,4 +81,95 @@ func Float32ToBFloat16(f float32) uint16 {
 	}
 	b += 0x7fff + (b>>16)&1
 	return uint16(b >> 16)
+}
+
+// DType is the element type of a Matrix's storage. The names match safetensors' dtypes.
+type DType uint8
+
+const (
+	F32  DType = iota // float32 in Data
+	BF16              // bfloat16 bits in Half
+	F16               // IEEE binary16 bits in Half
+)
+
+// String returns the safetensors name of the dtype: "F32", "BF16" or "F16".
+func (d DType) String() string {
+	switch d {
+	case F32:
+		return "F32"
+	case BF16:
+		return "BF16"
+	case F16:
+		return "F16"
+	}
+	return "DType(" + strconv.Itoa(int(d)) + ")"
+}
+
+// ParseDType returns the DType of a safetensors dtype name ("F32", "BF16", "F16").
+func ParseDType(s string) (DType, bool) {
+	switch s {
+	case "F32":
+		return F32, true
+	case "BF16":
+		return BF16, true
+	case "F16":
+		return F16, true
+	}
+	return 0, false
+}
+
+// littleEndian: the machine stores the low byte first (a bfloat16 pair's bits then sit in
+// a uint64 as WidenHalf's fast path expects).
+var littleEndian = func() bool { x := uint16(1); return *(*byte)(unsafe.Pointer(&x)) == 1 }()
+
+// WidenHalf sets dst[i] to the float32 value of the half-precision bits src[i] of type dt
+// (exact). It panics if dt is not BF16 or F16 or the lengths differ.
+func WidenHalf(dst []float32, src []uint16, dt DType) {
+	mustShape("WidenHalf", len(dst) == len(src), "%d values into %d", len(src), len(dst))
+	switch dt {
+	case BF16:
+		i := 0
+		if littleEndian {
+			// Four values a step: the bits of four bfloat16 are the upper halves of four float32.
+			for ; i+4 <= len(src); i += 4 {
+				v := *(*uint64)(unsafe.Pointer(&src[i]))
+				d := (*[2]uint64)(unsafe.Pointer(&dst[i]))
+				d[0] = (v&0xffff)<<16 | (v&0xffff0000)<<32
+				d[1] = (v>>32&0xffff)<<16 | (v>>48)<<48
+			}
+		}
+		for ; i < len(src); i++ {
+			dst[i] = math.Float32frombits(uint32(src[i]) << 16)
+		}
+	case F16:
+		for i, h := range src {
+			// Normal numbers (the bulk of weights) by rebiasing the exponent; zeros,
+			// subnormals, infinities and NaN through Float16ToFloat32.
+			if e := h & 0x7c00; e != 0 && e != 0x7c00 {
+				dst[i] = math.Float32frombits(uint32(h&0x8000)<<16 | (uint32(h&0x7fff)<<13 + (127-15)<<23))
+			} else {
+				dst[i] = Float16ToFloat32(h)
+			}
+		}
+	default:
+		panic("tensor: WidenHalf: dtype " + dt.String() + " is not a half-precision type")
+	}
+}
+
+// NarrowHalf sets dst[i] to src[i] rounded to nearest even in dt (BF16 or F16). It panics
+// if dt is not BF16 or F16 or the lengths differ.
+func NarrowHalf(dst []uint16, src []float32, dt DType) {
+	mustShape("NarrowHalf", len(dst) == len(src), "%d values into %d", len(src), len(dst))
+	switch dt {
+	case BF16:
+		for i, f := range src {
+			dst[i] = Float32ToBFloat16(f)
+		}
+	case F16:
+		for i, f := range src {
+			dst[i] = Float32ToFloat16(f)
+		}
+	default:
+		panic("tensor: NarrowHalf: dtype " + dt.String() + " is not a half-precision type")
+	}
 }

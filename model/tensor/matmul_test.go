@@ -3,6 +3,8 @@ package tensor
 import (
 	"fmt"
 	"math/rand"
+	"os"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -168,4 +170,56 @@ func randMatrixForThreads(r, c int, seed int64) *Matrix {
 		m.Data[i] = float32(int64(x%2001)-1000) / 1000
 	}
 	return m
+}
+
+// TestMulSeqIndependentOfBatch: a sequence's rows must have the same bits whether it is
+// multiplied alone or at any index of a batch, with any thread count: per-window
+// statistics merged from parts equal one pass only if this holds. It failed under
+// OpenBLAS's Haswell, SkylakeX and Cooperlake kernels when small products went to BLAS
+// whole and when blocks ignored sequence boundaries. The sizes cover partial last blocks,
+// sequences shorter and longer than a block, and a one-row sequence.
+func TestMulSeqIndependentOfBatch(t *testing.T) {
+	defer SetThreads(0)
+	for _, sh := range []struct{ n, k, seq int }{{128, 128, 24}, {352, 128, 100}, {1024, 96, 64}, {7, 33, 1}, {128, 128, 256}} {
+		b := randMatrixForThreads(sh.n, sh.k, 3)
+		bt := randMatrixForThreads(sh.k, sh.n, 4) // for MulSeq
+		const batch = 5
+		a := randMatrixForThreads(batch*sh.seq, sh.k, 5)
+		for _, th := range []int{1, 2} {
+			SetThreads(th)
+			full, fullN := New(a.Rows, sh.n), New(a.Rows, sh.n)
+			MulTSeq(full, a, b, sh.seq)
+			MulSeq(fullN, a, bt, sh.seq)
+			for _, part := range [][2]int{{0, 1}, {3, 4}, {1, 3}, {2, 5}} {
+				lo, hi := part[0]*sh.seq, part[1]*sh.seq
+				sub := &Matrix{Rows: hi - lo, Cols: sh.k, Data: a.Data[lo*sh.k : hi*sh.k]}
+				got, gotN := New(hi-lo, sh.n), New(hi-lo, sh.n)
+				MulTSeq(got, sub, b, sh.seq)
+				MulSeq(gotN, sub, bt, sh.seq)
+				if part[1]-part[0] == 1 { // one sequence: MulT and Mul are MulTSeq and MulSeq
+					MulT(got, sub, b)
+					Mul(gotN, sub, bt)
+				}
+				for i := range got.Data {
+					if got.Data[i] != full.Data[lo*sh.n+i] || gotN.Data[i] != fullN.Data[lo*sh.n+i] {
+						t.Fatalf("n=%d k=%d seq %d threads %d sequences [%d,%d): element %d is %v/%v, %v/%v in the batch of %d",
+							sh.n, sh.k, sh.seq, th, part[0], part[1], i, got.Data[i], gotN.Data[i],
+							full.Data[lo*sh.n+i], fullN.Data[lo*sh.n+i], batch)
+					}
+				}
+			}
+		}
+	}
+	mustPanic(t, "MulT", func() { MulTSeq(New(5, 2), New(5, 3), New(2, 3), 2) })
+	mustPanic(t, "Mul", func() { MulSeq(New(4, 2), New(4, 3), New(3, 2), 0) })
+}
+
+// TestBLASCore logs the BLAS kernel in use and, when OPENBLAS_CORETYPE names one, checks
+// that OpenBLAS honoured it (make test-coretypes relies on this to know what it tested).
+func TestBLASCore(t *testing.T) {
+	core := BLASCore()
+	t.Logf("backend %s, core %s", Backend(), core)
+	if want := os.Getenv("OPENBLAS_CORETYPE"); want != "" && Backend() == "openblas" && !strings.EqualFold(core, want) {
+		t.Fatalf("OPENBLAS_CORETYPE=%s but OpenBLAS runs its %s kernels", want, core)
+	}
 }

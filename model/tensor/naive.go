@@ -106,18 +106,23 @@ func naiveRope(x *Matrix, invFreq []float32, heads, seqLen int) {
 	}
 }
 
-// naiveAttention is causal grouped-query attention, one query row at a time.
-func naiveAttention(dst, q, k, v *Matrix, seqLen, heads, kvHeads int) {
+// naiveAttention is causal grouped-query attention, one query row at a time; window > 0
+// restricts query t to the keys s with t − window < s ≤ t.
+func naiveAttention(dst, q, k, v *Matrix, seqLen, heads, kvHeads, window int) {
 	hd := q.Cols / heads
 	group := heads / kvHeads
 	scores := make([]float64, seqLen)
 	for i := range q.Rows {
 		t := i % seqLen
 		start := i - t // first row of this sequence
+		j0 := 0        // first visible key
+		if window > 0 {
+			j0 = max(0, t-window+1)
+		}
 		for h := range heads {
 			kh := h / group
 			mx := math.Inf(-1)
-			for j := 0; j <= t; j++ {
+			for j := j0; j <= t; j++ {
 				var s float64
 				for d := range hd {
 					s += float64(q.Data[i*q.Cols+h*hd+d]) * float64(k.Data[(start+j)*k.Cols+kh*hd+d])
@@ -126,13 +131,13 @@ func naiveAttention(dst, q, k, v *Matrix, seqLen, heads, kvHeads int) {
 				mx = math.Max(mx, scores[j])
 			}
 			var sum float64
-			for j := 0; j <= t; j++ {
+			for j := j0; j <= t; j++ {
 				scores[j] = math.Exp(scores[j] - mx)
 				sum += scores[j]
 			}
 			for d := range hd {
 				var o float64
-				for j := 0; j <= t; j++ {
+				for j := j0; j <= t; j++ {
 					o += scores[j] * float64(v.Data[(start+j)*v.Cols+kh*hd+d])
 				}
 				dst.Data[i*dst.Cols+h*hd+d] = float32(o / sum)

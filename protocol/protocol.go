@@ -1,4 +1,4 @@
-package coordinator
+package protocol
 
 import (
 	"encoding/binary"
@@ -7,6 +7,8 @@ import (
 	"math"
 	"strconv"
 	"strings"
+
+	"linearpatch/shards"
 )
 
 // The run's state in its JetStream KV bucket and object store (namespaced by run id, see
@@ -15,10 +17,25 @@ const (
 	KeyPlan  = "plan"  // Plan, JSON; written once when the run is created
 	KeyPhase = "phase" // the current Phase
 	KeyFit   = "fit"   // FitResult, JSON; written when the stats phase is fitted
-	// "shard.<phase>.<id>": ShardState, JSON, written by the coordinator (see ShardKey)
+	// "shard.<phase>.<id>": coordinator.ShardState, JSON, written by the coordinator (see coordinator.ShardKey)
 	// "done.<phase>.<id>": ShardDone, JSON, written by whoever made the shard durable
-	// "teacher.<name>": TeacherStatus, JSON, refreshed by each teacher
+	// "teacher.<name>": coordinator.TeacherStatus, JSON, refreshed by each teacher
+	// "redo.<phase>.<id>": Redo, JSON, written by the consumer that rejected a record
 )
+
+// RedoKey is the KV key under which a consumer asks for a shard to be recomputed.
+func RedoKey(ph Phase, id int) string { return fmt.Sprintf("redo.%s.%06d", ph, id) }
+
+// Redo asks the coordinator to recompute a shard: a record of it was rejected, so the
+// record it stands in for may never arrive under its message id (junk published first
+// under a real record's id makes the stream drop the real one as a duplicate).
+type Redo struct {
+	Phase            Phase  `json:"phase"`
+	Shard            int    `json:"shard"`
+	Subject          string `json:"subject"`
+	Reason           string `json:"reason"`
+	ClaimedPublisher string `json:"claimed_publisher"`
+}
 
 // Objects in the run's object store.
 const (
@@ -62,6 +79,9 @@ type Task struct {
 	Windows int   `json:"windows"` // number of windows
 	Start   int   `json:"start"`   // cache phase: the cut [Start, End)
 	End     int   `json:"end"`
+	// Attempt is "" for a shard's first task and a fresh random nonce for each task
+	// republished after a rejected record: teachers put it into their messages' ids.
+	Attempt string `json:"attempt,omitempty"`
 }
 
 // TaskID is the stable id (Nats-Msg-Id) of a shard's task.
@@ -75,6 +95,7 @@ type DoneMarker struct {
 	Messages int    `json:"messages"` // data messages of the shard (stats parts or window chunks)
 	Tokens   int64  `json:"tokens"`
 	Teacher  string `json:"teacher"`
+	Attempt  string `json:"attempt,omitempty"` // the task's Attempt
 }
 
 // ShardDone records a durable, verified shard (KV "done.<phase>.<id>").
@@ -125,7 +146,7 @@ func EncodeInt32s(ids []int) []byte {
 // DecodeInt32s decodes int32 little-endian bytes.
 func DecodeInt32s(b []byte) ([]int, error) {
 	if len(b)%4 != 0 {
-		return nil, fmt.Errorf("coordinator: token stream of %d bytes is not int32s", len(b))
+		return nil, fmt.Errorf("protocol: token stream of %d bytes is not int32s", len(b))
 	}
 	ids := make([]int, len(b)/4)
 	for i := range ids {
@@ -146,7 +167,7 @@ func EncodeFloat32s(v []float32) []byte {
 // DecodeFloat32s decodes float32 little-endian bytes.
 func DecodeFloat32s(b []byte) ([]float32, error) {
 	if len(b)%4 != 0 {
-		return nil, fmt.Errorf("coordinator: %d bytes are not float32s", len(b))
+		return nil, fmt.Errorf("protocol: %d bytes are not float32s", len(b))
 	}
 	v := make([]float32, len(b)/4)
 	for i := range v {
@@ -154,3 +175,15 @@ func DecodeFloat32s(b []byte) ([]float32, error) {
 	}
 	return v, nil
 }
+
+// StatsMeta is the record metadata of a run's stats phase.
+func StatsMeta(p *Plan, dim, vocab int) shards.Meta {
+	return shards.Meta{SchemaVersion: shards.SchemaVersion, RunID: p.RunID, Fingerprint: p.Settings.Fingerprint,
+		Start: -1, End: -1, Dim: dim, Vocab: vocab, ActDType: shards.Float32}
+}
+
+// TeacherConsumer is the durable name of the teachers' shared task consumer.
+const TeacherConsumer = "teachers"
+
+// ProgressSubject is the core-NATS subject of teachers' progress reports.
+func ProgressSubject(run string) string { return "lp." + run + ".progress" }

@@ -1,0 +1,3 @@
+package model
+
+const rusageThread = 1 // RUSAGE_THREAD

@@ -1,0 +1,7 @@
+//go:build !linux
+
+package model
+
+import "syscall"
+
+const rusageThread = syscall.RUSAGE_SELF
