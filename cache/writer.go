@@ -63,6 +63,10 @@ type Writer struct {
 	manifest *shards.Manifest
 	kv       jetstream.KeyValue
 	redone   map[int]time.Time // when a recomputation of the shard was last asked for
+
+	// What this process wrote (for its closing log line: a process's final metrics may
+	// never be scraped once it exits).
+	written struct{ shards, bytes, tokens int64 }
 }
 
 // NewWriter checks the options.
@@ -106,6 +110,11 @@ func (w *Writer) Run(ctx context.Context) error {
 		return err
 	}
 	defer l.release()
+	defer func() {
+		w.mu.Lock()
+		w.log.Info("cache writer finished", "shards_written", w.written.shards, "bytes_written", w.written.bytes, "tokens_written", w.written.tokens)
+		w.mu.Unlock()
+	}()
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return l.keep(gctx) })
 	g.Go(func() error {
@@ -368,6 +377,11 @@ func (w *Writer) store(ctx context.Context, a *worker.Assembled) error {
 		err = w.manifest.Save(filepath.Join(w.o.Dir, ManifestFile))
 	}
 	listed := len(w.manifest.Shards)
+	if err == nil {
+		w.written.shards++
+		w.written.bytes += fi.Bytes
+		w.written.tokens += int64(entry.Tokens)
+	}
 	w.mu.Unlock()
 	if err != nil {
 		return err

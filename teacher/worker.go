@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -51,6 +52,12 @@ type Worker struct {
 	total    atomic.Int64
 	started  time.Time
 	maxBytes int
+
+	// What this worker published in full, by phase (for its closing log line: a process's
+	// final metrics may never be scraped once it exits).
+	doneMu     sync.Mutex
+	doneShards map[protocol.Phase]int
+	doneTokens map[protocol.Phase]int64
 }
 
 // NewWorker checks the options.
@@ -82,7 +89,12 @@ func (w *Worker) Run(ctx context.Context) error {
 		return err
 	}
 	w.log.Info("teacher ready", "threads", tensor.Threads(), "calib_windows", len(w.calib), "train_windows", len(w.train))
-	return loop.Run(ctx)
+	err = loop.Run(ctx)
+	w.doneMu.Lock()
+	w.log.Info("teacher finished", "stats_shards", w.doneShards[protocol.PhaseStats], "cache_shards", w.doneShards[protocol.PhaseCache],
+		"cache_tokens", w.doneTokens[protocol.PhaseCache])
+	w.doneMu.Unlock()
+	return err
 }
 
 // load reads the plan and the token streams, waiting for the coordinator to create them.
@@ -183,6 +195,13 @@ func (w *Worker) handle(ctx context.Context, t worker.Task) error {
 		return err
 	}
 	w.o.Metrics.ShardDone(string(task.Phase))
+	w.doneMu.Lock()
+	if w.doneShards == nil {
+		w.doneShards, w.doneTokens = map[protocol.Phase]int{}, map[protocol.Phase]int64{}
+	}
+	w.doneShards[task.Phase]++
+	w.doneTokens[task.Phase] += tokens
+	w.doneMu.Unlock()
 	el := time.Since(began)
 	w.log.Debug("shard published", "phase", task.Phase, "shard", task.Shard, "messages", n, "tokens", tokens,
 		"tokens_per_s", fmt.Sprintf("%.0f", float64(tokens)/el.Seconds()))
