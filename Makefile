@@ -32,11 +32,11 @@ test: deps vet test-openblas test-purego
 
 test-openblas: deps
 	@echo "== tests, OpenBLAS build =="
-	$(GO) test -count=1 -timeout 20m $(GOTESTFLAGS) ./...
+	$(GO) test -count=1 -timeout 45m $(GOTESTFLAGS) ./...
 
 test-purego:
 	@echo "== tests, pure-Go build (CGO_ENABLED=0) =="
-	CGO_ENABLED=0 $(GO) test -count=1 -short -timeout 20m $(GOTESTFLAGS) ./...
+	CGO_ENABLED=0 $(GO) test -count=1 -short -timeout 45m $(GOTESTFLAGS) ./...
 
 # By hand, not in `make test` or CI: the BLAS-dependent packages under every OpenBLAS
 # kernel set this CPU can run (Prescott, Haswell, SkylakeX), so no test relies on one
