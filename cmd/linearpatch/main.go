@@ -59,6 +59,10 @@ func newRootCmd() *cobra.Command {
 	return root
 }
 
+// computeCommands run the model's matmuls; they warn when OpenBLAS took slow kernels.
+var computeCommands = map[string]bool{"eval": true, "prune": true, "run": true, "teacher": true, "student": true,
+	"bench": true, "bench-student": true, "bench-students": true, "bench-dtype": true}
+
 // resolve binds cmd's flags to a fresh viper instance, reads the config file and the
 // environment, applies the global settings and returns the resolved values.
 func resolve(cmd *cobra.Command) (settings, error) {
@@ -99,6 +103,11 @@ func resolve(cmd *cobra.Command) (settings, error) {
 		return settings{}, errors.New("--threads must be ≥ 0")
 	}
 	tensor.SetThreads(s.num("threads"))
+	if computeCommands[cmd.Name()] {
+		if a := tensor.BLASAdvice(); a != "" {
+			slog.Warn(a)
+		}
+	}
 	if err := checkExplicitZeros(cmd, s); err != nil {
 		return settings{}, err
 	}
