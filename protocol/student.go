@@ -12,9 +12,12 @@ import (
 // created (so every student trains with the run's settings, never its own flags). The
 // student reads the plan (KeyPlan), the fit (KeyFit), the training-free patch (ObjPatch0)
 // and, for every cache shard recorded done (DoneKey), the shard's records from the data
-// stream; it saves its checkpoints to the object store (ObjStudentCheckpoint), reports
-// progress under KeyStudent, and at the end stores the distilled patch (ObjPatchKD) and then
-// its record (KeyStudentResult), which is what the coordinator waits for.
+// stream; it saves its checkpoints, with the gradients the students share, in the run's
+// gradient store (package studentnet: students.* keys and the LP_<run>_GRAD object store;
+// `run`'s in-process student, which works from the run directory, mirrors its checkpoints
+// to the object store as ObjStudentCheckpoint), reports progress under KeyStudent, and at
+// the end stores the distilled patch (ObjPatchKD) and then its record (KeyStudentResult),
+// which is what the coordinator waits for.
 const (
 	KeyDistill       = "distill"        // the student's TrainConfig, JSON; written by the coordinator
 	KeyStudent       = "student"        // StudentStatus, JSON; refreshed by the student

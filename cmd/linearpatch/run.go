@@ -615,11 +615,7 @@ func loadPatch0(ctx context.Context, js jetstream.JetStream, names worker.Names,
 	if !fit.HasP {
 		return nil, nil
 	}
-	obj, err := js.ObjectStore(ctx, names.ObjectStore())
-	if err != nil {
-		return nil, err
-	}
-	b, _, err := worker.GetObject(ctx, obj, protocol.ObjPatch0)
+	b, err := readRunObject(ctx, js, names, protocol.ObjPatch0)
 	if err != nil {
 		return nil, fmt.Errorf("training-free patch: %w", err)
 	}

@@ -38,7 +38,7 @@ import (
 // shard from the data stream (rebuilt into the student's own --dir, checked against the
 // plan); checkpoints go to the object store, so a student restarted anywhere resumes
 // bit-identically. The distilled patch and its record are published to the run, where the
-// coordinator waits for them (coordinator/student.go lists the keys).
+// coordinator waits for them (protocol/student.go lists the keys).
 
 // netPoll is how often the network student and the coordinator poll the run's bucket.
 const netPoll = 250 * time.Millisecond
@@ -148,11 +148,11 @@ func runNetStudent(cmd *cobra.Command, s settings) error {
 	}
 	obj, err := conn.js.ObjectStore(ctx, names.ObjectStore())
 	if err != nil {
-		return err
+		return fmt.Errorf("the run's object store: %w", err)
 	}
 	var p0 []float32
 	if fit.HasP {
-		b, _, err := worker.GetObject(ctx, obj, protocol.ObjPatch0)
+		b, err := readRunObject(ctx, conn.js, names, protocol.ObjPatch0)
 		if err != nil {
 			return fmt.Errorf("training-free patch: %w", err)
 		}
@@ -520,11 +520,7 @@ func awaitNetStudent(ctx context.Context, js jetstream.JetStream, kv jetstream.K
 		return nil, fmt.Errorf("the student's patch was distilled with settings %s, this coordinator's are %s: restart the coordinator with the run's settings, or delete %q from the run's bucket to distill again",
 			rec.Config, cfg, protocol.KeyStudentResult)
 	}
-	obj, err := js.ObjectStore(ctx, names.ObjectStore())
-	if err != nil {
-		return nil, err
-	}
-	b, _, err := worker.GetObject(ctx, obj, protocol.ObjPatchKD)
+	b, err := readRunObject(ctx, js, names, protocol.ObjPatchKD)
 	if err != nil {
 		return nil, fmt.Errorf("the distilled patch: %w", err)
 	}

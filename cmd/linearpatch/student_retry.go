@@ -2,8 +2,11 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
 
 	"linearpatch/student"
 	"linearpatch/worker"
@@ -25,19 +28,45 @@ type retryingExchange struct {
 }
 
 func retryCall[T any](ctx context.Context, x retryingExchange, op string, f func() (T, error)) (T, error) {
-	give := time.Now().Add(x.retryFor)
+	return retryTransient(ctx, x.log, x.retryFor, "student: a request to the run's exchange failed; retrying", f, "op", op)
+}
+
+// retryTransient calls f until it succeeds, fails otherwise than transiently
+// (worker.Transient), ctx ends, or it has failed for retryFor; each retry is logged at WARN
+// as msg with attrs and the error.
+func retryTransient[T any](ctx context.Context, log *slog.Logger, retryFor time.Duration, msg string, f func() (T, error), attrs ...any) (T, error) {
+	give := time.Now().Add(retryFor)
 	wait := 100 * time.Millisecond
 	for {
 		v, err := f()
 		if err == nil || !worker.Transient(err) || ctx.Err() != nil || time.Now().After(give) {
 			return v, err
 		}
-		x.log.Warn("student: a request to the run's exchange failed; retrying", "op", op, "err", err)
+		log.Warn(msg, append(attrs[:len(attrs):len(attrs)], "err", err)...)
 		if serr := worker.SleepCtx(ctx, wait); serr != nil {
 			return v, err
 		}
 		wait = min(2*wait, 2*time.Second)
 	}
+}
+
+// objectRetryFor is how long a read of one of the run's objects is retried while the
+// server does not answer (a restart, or a JetStream cluster electing the object store's
+// new leader after its leader died).
+const objectRetryFor = 2 * time.Minute
+
+// readRunObject reads object name of the run's object store whole, retrying transient
+// failures for objectRetryFor. Errors wrap jetstream.ErrObjectNotFound when there is no
+// such object.
+func readRunObject(ctx context.Context, js jetstream.JetStream, names worker.Names, name string) ([]byte, error) {
+	return retryTransient(ctx, slog.Default(), objectRetryFor, "reading an object of the run failed; retrying", func() ([]byte, error) {
+		obj, err := js.ObjectStore(ctx, names.ObjectStore())
+		if err != nil {
+			return nil, fmt.Errorf("object store: %w", err)
+		}
+		b, _, err := worker.GetObject(ctx, obj, name)
+		return b, err
+	}, "object", name)
 }
 
 type claimResult struct {

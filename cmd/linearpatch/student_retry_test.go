@@ -8,9 +8,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"linearpatch/student"
+	"linearpatch/worker"
 )
 
 // flakyExchange fails its first fails calls of each method with err, then answers.
@@ -98,5 +101,74 @@ func TestRetryingExchange(t *testing.T) {
 	x = retryingExchange{ex: f, log: log, retryFor: time.Minute}
 	if _, _, err := x.Claim(cctx, 1, 0); err == nil || f.calls["claim"] != 1 {
 		t.Fatalf("a cancelled context: %v after %d calls", err, f.calls["claim"])
+	}
+}
+
+// TestReadRunObjectRetries: a read of the run's object while its server is away (restarting,
+// or a cluster electing the object store's leader) waits for it rather than failing the
+// run; a missing object fails at once.
+func TestReadRunObjectRetries(t *testing.T) {
+	port, dir := freePort(t), t.TempDir()
+	start := func() *server.Server {
+		s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: port, JetStream: true, StoreDir: dir, NoLog: true, NoSigs: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		go s.Start()
+		if !s.ReadyForConnections(10 * time.Second) {
+			t.Fatal("nats-server did not start")
+		}
+		return s
+	}
+	s := start()
+	nc, err := nats.Connect(s.ClientURL(), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	names, err := worker.NewNames("r0123456789abcdef01234567")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// No deadline, as a command's context: each request then gets the client's own timeout.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	watchdog := time.AfterFunc(time.Minute, cancel)
+	defer watchdog.Stop()
+	obj, err := js.CreateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: names.ObjectStore(), Storage: jetstream.FileStorage})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []byte("the training-free patch")
+	if _, err := obj.PutBytes(ctx, "patch0", want); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := readRunObject(ctx, js, names, "missing"); !errors.Is(err, jetstream.ErrObjectNotFound) {
+		t.Fatalf("missing object: %v, want ErrObjectNotFound", err)
+	}
+
+	s.Shutdown()
+	s.WaitForShutdown()
+	const away = 6 * time.Second // longer than the client's request timeout (5 s): a read must retry
+	restarted := make(chan *server.Server, 1)
+	go func() {
+		time.Sleep(away)
+		restarted <- start()
+	}()
+	began := time.Now()
+	got, err := readRunObject(ctx, js, names, "patch0")
+	t.Cleanup(func() { (<-restarted).Shutdown() })
+	if err != nil {
+		t.Fatalf("read across the server's restart: %v", err)
+	}
+	if string(got) != string(want) {
+		t.Fatalf("read %q, want %q", got, want)
+	}
+	if d := time.Since(began); d < away {
+		t.Fatalf("read in %v while the server was away for %v", d, away)
 	}
 }
