@@ -2,7 +2,6 @@ package coordinator
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -168,24 +167,10 @@ func TestPollDone(t *testing.T) {
 func doneRecorder(t *testing.T) (*Coordinator, func(shard int)) {
 	t.Helper()
 	js := startJetStream(t)
-	ctx := t.Context()
-	names, err := worker.NewNames("r0123456789ab")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := worker.Setup(ctx, js, names, worker.StreamConfig{}); err != nil {
-		t.Fatal(err)
-	}
-	kv, err := js.KeyValue(ctx, names.KVBucket())
-	if err != nil {
-		t.Fatal(err)
-	}
+	names, kv, put := runBucket(t, t.Context(), js, "r0123456789ab")
 	c := &Coordinator{o: Options{JS: js, Names: names}, kv: kv, log: slog.New(slog.DiscardHandler)}
 	return c, func(shard int) {
 		t.Helper()
-		b, _ := json.Marshal(protocol.ShardDone{Phase: protocol.PhaseCache, Shard: shard, Rows: 2})
-		if _, err := kv.Put(ctx, protocol.DoneKey(protocol.PhaseCache, shard), b); err != nil {
-			t.Fatal(err)
-		}
+		put(protocol.DoneKey(protocol.PhaseCache, shard), protocol.ShardDone{Phase: protocol.PhaseCache, Shard: shard, Rows: 2})
 	}
 }

@@ -30,27 +30,7 @@ func TestRunSeesDoneRecordedDuringRestore(t *testing.T) {
 	defer cancel()
 	js := startJetStream(t)
 	p := testPlan(t, 40, 100, 32)
-	names, err := worker.NewNames(p.RunID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := worker.Setup(ctx, js, names, worker.StreamConfig{}); err != nil {
-		t.Fatal(err)
-	}
-	kv, err := js.KeyValue(ctx, names.KVBucket())
-	if err != nil {
-		t.Fatal(err)
-	}
-	put := func(key string, v any) {
-		t.Helper()
-		b, err := json.Marshal(v)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := kv.Put(ctx, key, b); err != nil {
-			t.Fatal(err)
-		}
-	}
+	names, _, put := runBucket(t, ctx, js, p.RunID)
 	// A run resumed in its cache phase: fitted, every stats shard done, every cache shard
 	// but the last recorded done.
 	put(protocol.KeyFit, protocol.FitResult{Start: 2, End: 4, Method: "none", Tokens: 1})
@@ -88,27 +68,7 @@ func TestRunRepublishesMarkedShardMissingRecords(t *testing.T) {
 	defer cancel()
 	js := startJetStream(t)
 	p := testPlan(t, 40, 100, 32)
-	names, err := worker.NewNames(p.RunID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := worker.Setup(ctx, js, names, worker.StreamConfig{}); err != nil {
-		t.Fatal(err)
-	}
-	kv, err := js.KeyValue(ctx, names.KVBucket())
-	if err != nil {
-		t.Fatal(err)
-	}
-	put := func(key string, v any) {
-		t.Helper()
-		b, err := json.Marshal(v)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := kv.Put(ctx, key, b); err != nil {
-			t.Fatal(err)
-		}
-	}
+	names, _, put := runBucket(t, ctx, js, p.RunID)
 	publish := func(k worker.DataKey, data []byte) {
 		t.Helper()
 		if _, err := js.Publish(ctx, k.Subject(), data, jetstream.WithMsgID(worker.MsgID(k))); err != nil {
@@ -187,27 +147,7 @@ func TestRunRecordsStatsFileNotRecordedDone(t *testing.T) {
 	defer cancel()
 	js := startJetStream(t)
 	p := testPlan(t, 40, 100, 32)
-	names, err := worker.NewNames(p.RunID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := worker.Setup(ctx, js, names, worker.StreamConfig{}); err != nil {
-		t.Fatal(err)
-	}
-	kv, err := js.KeyValue(ctx, names.KVBucket())
-	if err != nil {
-		t.Fatal(err)
-	}
-	put := func(key string, v any) {
-		t.Helper()
-		b, err := json.Marshal(v)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := kv.Put(ctx, key, b); err != nil {
-			t.Fatal(err)
-		}
-	}
+	names, kv, put := runBucket(t, ctx, js, p.RunID)
 	put(protocol.KeyFit, protocol.FitResult{Start: 2, End: 4, Method: "none", Tokens: 1})
 	for _, s := range p.Cache {
 		put(protocol.DoneKey(protocol.PhaseCache, s.ID), protocol.ShardDone{Phase: protocol.PhaseCache, Shard: s.ID, Rows: s.Windows})
@@ -275,5 +215,32 @@ func TestRunRecordsStatsFileNotRecordedDone(t *testing.T) {
 	}
 	if st := c.Status(); st.Done[protocol.PhaseStats] != len(p.Stats)-1 {
 		t.Errorf("the coordinator counts %d stats shards done, want %d", st.Done[protocol.PhaseStats], len(p.Stats)-1)
+	}
+}
+
+// runBucket sets up run's streams and bucket on js and returns its names, its bucket and a
+// function that stores v as JSON under key.
+func runBucket(t *testing.T, ctx context.Context, js jetstream.JetStream, run string) (worker.Names, jetstream.KeyValue, func(key string, v any)) {
+	t.Helper()
+	names, err := worker.NewNames(run)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := worker.Setup(ctx, js, names, worker.StreamConfig{}); err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.KeyValue(ctx, names.KVBucket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return names, kv, func(key string, v any) {
+		t.Helper()
+		b, err := json.Marshal(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := kv.Put(ctx, key, b); err != nil {
+			t.Fatal(err)
+		}
 	}
 }

@@ -129,11 +129,15 @@ func TestRunSettingsCheckedFirst(t *testing.T) {
 	}
 }
 
-// startTestServer starts a real nats-server in-process on a free loopback port.
+// startTestServer starts a real nats-server in-process on loopback: on o.Port, or a free
+// port when it is 0; with JetStream in o.StoreDir, or a fresh directory when it is "".
 func startTestServer(t *testing.T, o *server.Options) *server.Server {
 	t.Helper()
-	o.Host, o.Port, o.NoLog, o.NoSigs = "127.0.0.1", -1, true, true
-	if o.JetStream {
+	o.Host, o.NoLog, o.NoSigs = "127.0.0.1", true, true
+	if o.Port == 0 {
+		o.Port = -1
+	}
+	if o.JetStream && o.StoreDir == "" {
 		o.StoreDir = t.TempDir()
 	}
 	s, err := server.NewServer(o)

@@ -109,18 +109,7 @@ func TestRetryingExchange(t *testing.T) {
 // run; a missing object fails at once.
 func TestReadRunObjectRetries(t *testing.T) {
 	port, dir := freePort(t), t.TempDir()
-	start := func() *server.Server {
-		s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: port, JetStream: true, StoreDir: dir, NoLog: true, NoSigs: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		go s.Start()
-		if !s.ReadyForConnections(10 * time.Second) {
-			t.Fatal("nats-server did not start")
-		}
-		return s
-	}
-	s := start()
+	s := startTestServer(t, &server.Options{Port: port, JetStream: true, StoreDir: dir})
 	nc, err := nats.Connect(s.ClientURL(), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
@@ -154,14 +143,18 @@ func TestReadRunObjectRetries(t *testing.T) {
 	s.Shutdown()
 	s.WaitForShutdown()
 	const away = 6 * time.Second // longer than the client's request timeout (5 s): a read must retry
-	restarted := make(chan *server.Server, 1)
-	go func() {
-		time.Sleep(away)
-		restarted <- start()
-	}()
+	restart := time.AfterFunc(away, func() {
+		s2, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: port, JetStream: true, StoreDir: dir, NoLog: true, NoSigs: true})
+		if err != nil {
+			cancel() // the read then fails, naming the context
+			return
+		}
+		t.Cleanup(s2.Shutdown)
+		go s2.Start()
+	})
+	defer restart.Stop()
 	began := time.Now()
 	got, err := readRunObject(ctx, js, names, "patch0")
-	t.Cleanup(func() { (<-restarted).Shutdown() })
 	if err != nil {
 		t.Fatalf("read across the server's restart: %v", err)
 	}
